@@ -1,0 +1,3 @@
+"""segd: a folder of photos that sorts itself."""
+
+__version__ = "0.1.0"
