@@ -1,0 +1,1 @@
+"""The ONNX models shipped with segd (see README.md in this folder)."""
