@@ -75,3 +75,7 @@ class ProviderError(SegdError):
 
 class StoreError(SegdError):
     """The state database cannot be opened or is in use by another writer."""
+
+
+class ControlError(SegdError):
+    """The daemon's control socket cannot be served or reached, or gave no valid answer."""

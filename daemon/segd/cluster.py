@@ -1,0 +1,244 @@
+"""Clustering core: project, choose k by the silhouette, fit KMeans, assign, match identities.
+
+Pure numpy / scikit-learn; no files, no store. Embeddings arrive L2-normalised (n, d) float32.
+
+Why a projection: KMeans and the silhouette are both distance-based, and in 1280 dimensions
+most of the distance is noise shared by every image. Centring, keeping the leading principal
+components and re-normalising concentrates the distances on what separates images
+(docs/benchmarks.md has the figures), and makes a refit over a million embeddings cheap:
+clustering runs on (n, pca_dims) instead of (n, 1280).
+
+Large collections are streamed: `fit_stream` takes a callable that yields the embeddings in
+chunks, in the same order each time, and never holds more than the projected matrix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.metrics import silhouette_score
+
+from segd.config import ClusteringConfig
+
+ChunkSource = Callable[[], Iterable[np.ndarray]]
+
+# k is chosen on a random subset of at most this many rows: the silhouette only needs a few
+# thousand points, and KMeans on a subset of this size finds the same structure.
+SELECTION_SAMPLE = 20_000
+# Rows used to estimate the principal components.
+PCA_SAMPLE = 20_000
+
+
+@dataclass(frozen=True)
+class FitParams:
+    k: int | str = "auto"  # "auto" or a fixed number of clusters
+    k_min: int = 2
+    k_max: int = 10
+    random_state: int = 0
+    n_init: int = 4
+    silhouette_sample: int = 4000
+    minibatch_above: int = 20_000
+    pca_dims: int = 64  # 0 = cluster the raw embeddings
+    whiten: bool = False
+
+    @classmethod
+    def from_config(cls, c: ClusteringConfig) -> FitParams:
+        return cls(k=c.k, k_min=c.k_min, k_max=c.k_max, random_state=c.random_state,
+                   n_init=c.n_init, silhouette_sample=c.silhouette_sample,
+                   minibatch_above=c.minibatch_above, pca_dims=c.pca_dims)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Centre, rotate onto the leading components, re-normalise. Identity when dims == 0."""
+
+    mean: np.ndarray | None = None  # (d,)
+    components: np.ndarray | None = None  # (p, d), rows scaled for whitening when asked
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        if self.components is None:
+            return np.ascontiguousarray(x, dtype=np.float32)
+        y = (x - self.mean) @ self.components.T
+        return normalize_rows(y.astype(np.float32, copy=False))
+
+
+@dataclass
+class FitResult:
+    k: int
+    labels: np.ndarray  # (n,) int, in the order the rows were given
+    distances: np.ndarray  # (n,) cosine distance of each row to its centroid
+    centroids: np.ndarray  # (k, d) L2-normalised, in the original embedding space
+    scores: dict[int, float] = field(default_factory=dict)  # silhouette for each k tried
+    silhouette: float | None = None  # at the chosen k (None when k was fixed and k < 2)
+    duration_s: float = 0.0
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.k)
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def candidate_ks(n: int, params: FitParams) -> list[int]:
+    """The k values the silhouette chooses from: [k_min, k_max] clipped to n - 1."""
+    if params.k != "auto":
+        return [min(int(params.k), n)]
+    hi = min(params.k_max, n - 1)
+    return list(range(min(params.k_min, hi), hi + 1)) if hi >= 2 else []
+
+
+def fit(x: np.ndarray, params: FitParams) -> FitResult:
+    """Fit an in-memory matrix of embeddings (see `fit_stream` for the streamed form)."""
+    return fit_stream(lambda: (x,), len(x), params)
+
+
+def fit_stream(read_chunks: ChunkSource, n: int, params: FitParams) -> FitResult:
+    """Cluster n embeddings read in chunks; `read_chunks()` must give the same rows each call."""
+    if n < 2:
+        raise ValueError(f"need at least 2 embeddings to cluster, got {n}")
+    started = time.perf_counter()
+    rng = np.random.default_rng(params.random_state)
+
+    projection = _fit_projection(read_chunks, n, params, rng)
+    z = np.concatenate([projection.apply(c) for c in read_chunks()])  # (n, p) float32
+    if len(z) != n:
+        raise ValueError(f"the chunk source gave {len(z)} rows, expected {n}")
+
+    ks = candidate_ks(n, params)
+    scores: dict[int, float] = {}
+    if params.k == "auto":
+        subset = _subset(rng, n, SELECTION_SAMPLE)
+        zs = z[subset]
+        for k in ks:
+            labels = _kmeans(k, len(zs), params).fit_predict(zs)
+            scores[k] = _silhouette(zs, labels, params)
+        k = max(scores, key=lambda kk: (scores[kk], -kk)) if scores else 1
+    else:
+        k = ks[0]
+
+    model = _kmeans(k, n, params).fit(z)
+    # Centroids live in the original space so that online assignment needs no projection;
+    # a last pass re-labels every row against them, so the batch result and later
+    # nearest-centroid assignments agree exactly.
+    centroids = _centroids_in_original_space(read_chunks, model.labels_, k)
+    labels, distances = _assign_stream(read_chunks, centroids)
+    silhouette = scores.get(k)
+    if silhouette is None and k >= 2:
+        silhouette = _silhouette(z[_subset(rng, n, SELECTION_SAMPLE)],
+                                 None, params, model=model)
+    return FitResult(k=k, labels=labels, distances=distances, centroids=centroids,
+                     scores=scores, silhouette=silhouette,
+                     duration_s=time.perf_counter() - started)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by cosine distance (rows and centroids L2-normalised)."""
+    sims = x @ centroids.T
+    labels = np.argmax(sims, axis=1)
+    best = sims[np.arange(len(x)), labels]
+    return labels, np.clip(1.0 - best, 0.0, 2.0).astype(np.float32)
+
+
+def match_clusters(old: np.ndarray, new: np.ndarray, max_distance: float) -> dict[int, int]:
+    """Map new cluster index -> old cluster index by optimal one-to-one matching.
+
+    Pairs further apart than `max_distance` (cosine) are not matched: such a new cluster
+    is genuinely new, and an old cluster left unmatched is retired, never renumbered.
+    """
+    if len(old) == 0 or len(new) == 0:
+        return {}
+    cost = 1.0 - new @ old.T
+    rows, cols = linear_sum_assignment(cost)
+    return {int(r): int(c) for r, c in zip(rows, cols, strict=True)
+            if cost[r, c] <= max_distance}
+
+
+def _fit_projection(read_chunks: ChunkSource, n: int, params: FitParams,
+                    rng: np.random.Generator) -> Projection:
+    if params.pca_dims <= 0:
+        return Projection()
+    take = np.sort(_subset(rng, n, PCA_SAMPLE))
+    sample = _gather_rows(read_chunks, take)
+    dims = min(params.pca_dims, sample.shape[1], max(len(sample) - 1, 1))
+    mean = sample.mean(axis=0)
+    centred = sample - mean
+    # Eigenvectors of the (d, d) covariance: ten times faster than an SVD of the sample.
+    eigvals, eigvecs = np.linalg.eigh(centred.T @ centred / max(len(sample) - 1, 1))
+    order = np.argsort(eigvals)[::-1][:dims]
+    components = eigvecs[:, order].T
+    if params.whiten:
+        components = components / np.sqrt(np.maximum(eigvals[order], 1e-12))[:, None]
+    return Projection(mean=mean.astype(np.float32), components=components.astype(np.float32))
+
+
+def _gather_rows(read_chunks: ChunkSource, rows: np.ndarray) -> np.ndarray:
+    """Rows at the given sorted global indices, read in one streaming pass."""
+    parts, start = [], 0
+    for chunk in read_chunks():
+        stop = start + len(chunk)
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi > lo:
+            parts.append(np.asarray(chunk[rows[lo:hi] - start], dtype=np.float64))
+        start = stop
+    return np.concatenate(parts)
+
+
+def _subset(rng: np.random.Generator, n: int, limit: int) -> np.ndarray:
+    return np.arange(n) if n <= limit else rng.choice(n, size=limit, replace=False)
+
+
+def _kmeans(k: int, n: int, params: FitParams) -> KMeans | MiniBatchKMeans:
+    if n > params.minibatch_above:
+        return MiniBatchKMeans(n_clusters=k, random_state=params.random_state,
+                               n_init=params.n_init, batch_size=4096)
+    return KMeans(n_clusters=k, random_state=params.random_state, n_init=params.n_init)
+
+
+def _silhouette(z: np.ndarray, labels: np.ndarray | None, params: FitParams,
+                model: KMeans | MiniBatchKMeans | None = None) -> float:
+    if labels is None:
+        assert model is not None
+        labels = model.predict(z)
+    if len(np.unique(labels)) < 2:
+        return -1.0
+    sample = min(params.silhouette_sample, len(z))
+    return float(silhouette_score(z, labels, sample_size=sample,
+                                  random_state=params.random_state))
+
+
+def _centroids_in_original_space(read_chunks: ChunkSource, labels: np.ndarray,
+                                 k: int) -> np.ndarray:
+    sums: np.ndarray | None = None
+    start = 0
+    for chunk in read_chunks():
+        part = labels[start:start + len(chunk)]
+        if sums is None:
+            sums = np.zeros((k, chunk.shape[1]), dtype=np.float64)
+        onehot = (part[:, None] == np.arange(k)).astype(np.float64)
+        sums += onehot.T @ np.asarray(chunk, dtype=np.float64)
+        start += len(chunk)
+    assert sums is not None
+    return normalize_rows(sums).astype(np.float32)
+
+
+def _assign_stream(read_chunks: ChunkSource,
+                   centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels, distances = [], []
+    for chunk in read_chunks():
+        lab, dist = assign(np.asarray(chunk, dtype=np.float32), centroids)
+        labels.append(lab)
+        distances.append(dist)
+    return np.concatenate(labels), np.concatenate(distances)
+
+
+def chunked(x: np.ndarray, rows: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(x), rows):
+        yield x[i:i + rows]

@@ -1,0 +1,161 @@
+"""File placement that never overwrites and never leaves half-written files behind.
+
+Every placement ends in a no-clobber link (`os.link` fails with EEXIST instead of replacing),
+so a name collision, even one created by another process a microsecond earlier, gets the
+next free suffix rather than destroying a file. Across filesystems the bytes are copied to
+a temporary name in the destination folder, fsynced, and only then linked into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+TMP_PREFIX = ".segd-tmp-"
+MAX_NAME_BYTES = 255
+NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+
+
+def candidate_names(name: str) -> Iterator[str]:
+    """Names to try for `name`: as is, then `stem (2).ext`, `stem (3).ext`..."""
+    return (_suffixed(name, i) for i in range(1, 100_000))
+
+
+def _suffixed(name: str, i: int) -> str:
+    if i == 1:
+        return _fit_name(name)
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        stem, ext, dot = name, "", ""
+    tag = f" ({i})"
+    return _fit_name(stem, tag + dot + ext)
+
+
+def _fit_name(stem: str, tail: str = "") -> str:
+    """Trim `stem` so that stem + tail fits the 255-byte limit of most filesystems."""
+    encoded = os.fsencode(stem)
+    budget = MAX_NAME_BYTES - len(os.fsencode(tail))
+    while len(encoded) > budget:
+        encoded = encoded[:-1]
+    return os.fsdecode(encoded) + tail
+
+
+def link_no_clobber(src: Path, folder: Path, name: str) -> Path:
+    """Hard-link `src` into `folder` under `name` or the next free suffixed name."""
+    for candidate in candidate_names(name):
+        target = folder / candidate
+        try:
+            os.link(src, target, follow_symlinks=False)
+            return target
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in NO_HARDLINKS:
+                raise
+            # A filesystem without hard links (vfat, some FUSE mounts): check, then rename.
+            # Not atomic against a concurrent writer of the same name, the best such
+            # filesystems allow.
+            if target.exists() or target.is_symlink():
+                continue
+            os.rename(src, target)
+            return target
+    raise FileExistsError(errno.EEXIST, "no free name", str(folder / name))
+
+
+def copy_to_temp(src: Path, folder: Path, tag: str) -> Path:
+    """Copy src's bytes to a fresh temporary file in `folder`, fsynced; return its path."""
+    tmp = folder / f"{TMP_PREFIX}{tag}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd_in = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        mode = stat.S_IMODE(os.fstat(fd_in).st_mode) or 0o644
+        fd_out = os.open(tmp, flags, mode)
+        try:
+            with os.fdopen(fd_in, "rb", closefd=False) as fin, \
+                    os.fdopen(fd_out, "wb", closefd=False) as fout:
+                shutil.copyfileobj(fin, fout, length=1 << 20)
+                fout.flush()
+                os.fsync(fout.fileno())
+        finally:
+            os.close(fd_out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd_in)
+    shutil.copystat(src, tmp, follow_symlinks=False)
+    return tmp
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def place_copy(src: Path, folder: Path, name: str, tag: str) -> Path:
+    """Copy `src` into `folder` without ever overwriting; `src` stays. Returns the new path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = copy_to_temp(src, folder, tag)
+    try:
+        final = link_no_clobber(tmp, folder, name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(folder)
+    return final
+
+
+def place_move(src: Path, folder: Path, name: str, tag: str) -> Path:
+    """Move `src` into `folder` without ever overwriting. Returns the new path.
+
+    Same filesystem: link under the free name, then unlink the source (a crash between
+    the two leaves two names for one inode, which recovery resolves). Otherwise: copy,
+    fsync, link, then unlink the source. The source is unlinked only if it is still the
+    file that was placed, so a new file dropped under the same name meanwhile survives.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    before = os.lstat(src)
+    if before.st_dev == os.stat(folder).st_dev:
+        final = link_no_clobber(src, folder, name)
+    else:
+        final = place_copy(src, folder, name, tag)
+    fsync_dir(folder)
+    remove_if_unchanged(src, before)
+    return final
+
+
+def remove_if_unchanged(path: Path, expected: os.stat_result) -> bool:
+    """Unlink `path` if it is still the file described by `expected`; True if removed."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
+            expected.st_dev, expected.st_ino, expected.st_size, expected.st_mtime_ns):
+        return False
+    os.unlink(path)
+    fsync_dir(path.parent)
+    return True
+
+
+def write_csv_new(folder: Path, name: str, header: list[str], rows: list[list[object]]) -> Path:
+    """Write a CSV under `name` (or a free suffixed name), complete or not at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{name}"
+    try:
+        with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(rows)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return link_no_clobber(tmp, folder, name)
+    finally:
+        tmp.unlink(missing_ok=True)

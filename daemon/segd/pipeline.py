@@ -1,0 +1,113 @@
+"""Decode on every core, embed in batches: the streaming heart of `segd sort` and `segd run`.
+
+Decoding costs several times what the network does (field notes, docs/benchmarks.md), so
+files are decoded by a thread pool (OpenCV releases the GIL) while the calling thread runs
+the network on full batches. At most `inflight` files are decoded ahead, which bounds memory
+however many files stream through.
+
+A source may yield `FLUSH` to say "nothing more is coming for now": the partial batch is
+embedded at once instead of waiting to fill, which is what keeps a single dropped file fast.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from segd.errors import ImageError
+
+T = TypeVar("T")
+
+
+class _Flush:
+    def __repr__(self) -> str:
+        return "FLUSH"
+
+
+FLUSH = _Flush()
+
+
+@dataclass
+class Embedded(Generic[T]):
+    """The outcome for one item: an embedding, or the error that set it aside."""
+
+    item: T
+    embedding: np.ndarray | None = None
+    error: ImageError | None = None
+    decode_ms: float = 0.0
+
+
+def embed_stream(
+    items: Iterable[T | _Flush],
+    decode: Callable[[T], np.ndarray],
+    embed: Callable[[np.ndarray], np.ndarray],
+    *,
+    batch_size: int,
+    workers: int,
+    inflight: int | None = None,
+) -> Iterator[list[Embedded[T]]]:
+    """Yield results in input order, one list per network batch (failed items included).
+
+    `decode` must raise ImageError for a bad item; any other exception is a bug and
+    propagates. Results are yielded as soon as their batch is embedded.
+    """
+    inflight = inflight or max(2 * batch_size, 4 * workers)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segd-decode") as pool:
+        queue: deque[tuple[T, Future[tuple[np.ndarray, float]]] | _Flush] = deque()
+        pending: list[Embedded[T]] = []
+        images: list[np.ndarray] = []
+
+        def finish_batch() -> list[Embedded[T]]:
+            ok = [r for r in pending if r.error is None]
+            if images:
+                vectors = embed(np.stack(images))
+                for result, vector in zip(ok, vectors, strict=True):
+                    result.embedding = vector
+            done = pending.copy()
+            pending.clear()
+            images.clear()
+            return done
+
+        def take_one() -> list[Embedded[T]] | None:
+            head = queue.popleft()
+            if isinstance(head, _Flush):
+                return finish_batch() if pending else None
+            item, future = head
+            try:
+                image, ms = future.result()
+            except ImageError as exc:
+                pending.append(Embedded(item, error=exc))
+            else:
+                pending.append(Embedded(item, decode_ms=ms))
+                images.append(image)
+            return finish_batch() if len(images) >= batch_size else None
+
+        for entry in items:
+            if isinstance(entry, _Flush):
+                queue.append(entry)
+            else:
+                queue.append((entry, pool.submit(_timed, decode, entry)))
+            # Keep the decoders busy, but no more than `inflight` ahead of the network;
+            # a FLUSH is acted on at once, since the source has nothing more for now.
+            while queue and (len(queue) > inflight or isinstance(entry, _Flush)):
+                batch = take_one()
+                if batch:
+                    yield batch
+        while queue:
+            batch = take_one()
+            if batch:
+                yield batch
+        if pending:
+            yield finish_batch()
+
+
+def _timed(decode: Callable[[T], np.ndarray], item: T) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    image = decode(item)
+    return image, (time.perf_counter() - start) * 1000.0
