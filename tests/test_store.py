@@ -95,8 +95,8 @@ def test_image_validation(s: Store) -> None:
         s.add_image("b", "b.jpg", "/x/b.jpg", "sorted", cluster_id=42)  # foreign key
     with pytest.raises(StoreError, match="no such image"):
         s.update_image(77, state="sorted")
-    with pytest.raises(TypeError, match="sha256"):
-        s.update_image(1, sha256="c")
+    with pytest.raises(TypeError, match="added_at"):
+        s.update_image(1, added_at=0.0)
     assert s.count_by_state()["pending"] == 1
 
 

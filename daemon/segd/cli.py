@@ -11,6 +11,7 @@ from pathlib import Path
 from segd import __version__
 from segd.config import Config, load_config
 from segd.errors import SegdError
+from segd.privileges import refuse_root
 
 log = logging.getLogger("segd")
 
@@ -153,15 +154,6 @@ def _cmd_sort(args: argparse.Namespace, config: Config) -> int:
                         title=f"silhouette for {args.src.name or args.src}")
         print(f"silhouette plot written to {args.plot}")
     return 0
-
-
-def refuse_root(allowed: bool, what: str) -> None:
-    if os.geteuid() == 0 and not allowed and os.environ.get("SEGD_ALLOW_ROOT") != "1":
-        raise SegdError(
-            f"refusing to {what} as root: segd moves files and parses untrusted images, so a "
-            "bug or a malicious file would act with full rights, and files it creates would "
-            "belong to root. Run it as a dedicated user (see systemd/segd.service), or pass "
-            "--allow-root (or set allow_root: true, or SEGD_ALLOW_ROOT=1) if you must.")
 
 
 def _cmd_run(args: argparse.Namespace, config: Config) -> int:

@@ -138,8 +138,16 @@ def decode_file(path: str | os.PathLike[str], opts: DecodeOptions) -> np.ndarray
 
     Raise an ImageError subclass naming the file on any failure.
     """
-    data = _read_regular_file(path, opts)
+    data, _ = read_image_file(path, opts)
     return decode_bytes(data, opts, name=os.fspath(path))
+
+
+def read_image_file(path: str | os.PathLike[str], opts: DecodeOptions, *,
+                    follow_symlinks: bool = True) -> tuple[bytes, os.stat_result]:
+    """The bytes of a regular file and the stat they were read under (FileAccessError if
+    it is anything else). The daemon passes follow_symlinks=False: a symlink in the inbox
+    must never make it read a file outside its folders."""
+    return _read_regular_file(path, opts, follow_symlinks=follow_symlinks)
 
 
 def decode_bytes(data: bytes, opts: DecodeOptions, name: str = "<bytes>") -> np.ndarray:
@@ -230,14 +238,17 @@ def heif_available() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_regular_file(path: str | os.PathLike[str], opts: DecodeOptions) -> bytes:
+def _read_regular_file(path: str | os.PathLike[str], opts: DecodeOptions, *,
+                       follow_symlinks: bool) -> tuple[bytes, os.stat_result]:
     name = os.fspath(path)
     # stat first: opening a FIFO for reading would block until a writer appears, and a device
     # node could stream forever. Only regular files (or symlinks to them) are images.
     try:
-        st = os.stat(path)
+        st = os.stat(path, follow_symlinks=follow_symlinks)
     except OSError as exc:
         raise FileAccessError(name, _os_reason(exc)) from exc
+    if stat.S_ISLNK(st.st_mode):
+        raise FileAccessError(name, "symbolic link (not followed)")
     if not stat.S_ISREG(st.st_mode):
         raise FileAccessError(name, f"not a regular file ({_file_kind(st.st_mode)})")
     limit = opts.max_pixels * _BYTES_PER_PIXEL_CAP + _FILE_SLACK
@@ -246,6 +257,8 @@ def _read_regular_file(path: str | os.PathLike[str], opts: DecodeOptions) -> byt
     # O_NONBLOCK: belt and braces in case the path was swapped for a FIFO after the stat.
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     flags |= getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
     except OSError as exc:
@@ -264,7 +277,7 @@ def _read_regular_file(path: str | os.PathLike[str], opts: DecodeOptions) -> byt
         raise FileAccessError(name, "no data available")
     if len(data) > limit:
         raise ImageTooLargeError(name, f"file is over the {limit} byte limit")
-    return data
+    return data, st
 
 
 def _os_reason(exc: OSError) -> str:

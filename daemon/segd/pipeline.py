@@ -25,12 +25,12 @@ from segd.errors import ImageError
 T = TypeVar("T")
 
 
-class _Flush:
+class Flush:
     def __repr__(self) -> str:
         return "FLUSH"
 
 
-FLUSH = _Flush()
+FLUSH = Flush()
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Embedded(Generic[T]):
 
 
 def embed_stream(
-    items: Iterable[T | _Flush],
+    items: Iterable[T | Flush],
     decode: Callable[[T], np.ndarray],
     embed: Callable[[np.ndarray], np.ndarray],
     *,
@@ -59,7 +59,7 @@ def embed_stream(
     """
     inflight = inflight or max(2 * batch_size, 4 * workers)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segd-decode") as pool:
-        queue: deque[tuple[T, Future[tuple[np.ndarray, float]]] | _Flush] = deque()
+        queue: deque[tuple[T, Future[tuple[np.ndarray, float]]] | Flush] = deque()
         pending: list[Embedded[T]] = []
         images: list[np.ndarray] = []
 
@@ -76,7 +76,7 @@ def embed_stream(
 
         def take_one() -> list[Embedded[T]] | None:
             head = queue.popleft()
-            if isinstance(head, _Flush):
+            if isinstance(head, Flush):
                 return finish_batch() if pending else None
             item, future = head
             try:
@@ -89,13 +89,13 @@ def embed_stream(
             return finish_batch() if len(images) >= batch_size else None
 
         for entry in items:
-            if isinstance(entry, _Flush):
+            if isinstance(entry, Flush):
                 queue.append(entry)
             else:
                 queue.append((entry, pool.submit(_timed, decode, entry)))
             # Keep the decoders busy, but no more than `inflight` ahead of the network;
             # a FLUSH is acted on at once, since the source has nothing more for now.
-            while queue and (len(queue) > inflight or isinstance(entry, _Flush)):
+            while queue and (len(queue) > inflight or isinstance(entry, Flush)):
                 batch = take_one()
                 if batch:
                     yield batch

@@ -198,7 +198,7 @@ _IMAGE_COLS: Final = (
     "added_at, updated_at"
 )
 _IMAGE_UPDATABLE: Final = frozenset(
-    {"path", "state", "cluster_id", "distance", "embedding", "reason"}
+    {"sha256", "path", "state", "cluster_id", "distance", "embedding", "reason"}
 )
 _CLUSTER_COLS: Final = "id, folder, centroid, size, created_at, retired_at"
 _CLUSTER_UPDATABLE: Final = frozenset({"folder", "centroid", "size", "retired_at"})
@@ -805,6 +805,28 @@ class Store:
             return np.empty(0, np.int64), np.empty((0, self._dim), np.float32)
         ids = np.array([c.id for c in rows], dtype=np.int64)
         return ids, np.stack([c.centroid for c in rows]).astype(np.float32, copy=False)
+
+    def add_to_cluster_size(self, cluster_id: int, delta: int) -> None:
+        """Adjust one cluster's size by delta (cheaper than a recount per sorted file)."""
+        with self._write(f"resize cluster {cluster_id}") as conn:
+            conn.execute("UPDATE clusters SET size = size + ? WHERE id = ?", (delta, cluster_id))
+
+    def rename_cluster_folder(self, cluster_id: int, old_dir: Path, new_dir: Path) -> int:
+        """Record that a cluster's folder was renamed (by a user): the cluster's folder name
+        and the path of every image under the old folder change in one transaction.
+        Returns the number of image paths rewritten."""
+        what = f"rename folder of cluster {cluster_id}"
+        _check_folder(new_dir.name, what)
+        old_prefix = _abs_path(old_dir, what) + "/"
+        new_prefix = _abs_path(new_dir, what) + "/"
+        with self._write(what) as conn:
+            conn.execute("UPDATE clusters SET folder = ? WHERE id = ?", (new_dir.name, cluster_id))
+            cur = conn.execute(
+                "UPDATE images SET path = ? || substr(path, ?), updated_at = ? "
+                "WHERE substr(path, 1, ?) = ?",
+                (new_prefix, len(old_prefix) + 1, time.time(), len(old_prefix), old_prefix),
+            )
+            return cur.rowcount
 
     def recount_cluster_sizes(self) -> None:
         """Set every cluster's size to its number of sorted images (after a refit or repair)."""

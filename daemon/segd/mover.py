@@ -1,0 +1,142 @@
+"""Journaled file moves: every move survives `kill -9` at any instant.
+
+Protocol (the store's `moves` table is the write-ahead journal):
+1. choose a free destination name and commit a journal row (src, dst[, tmp]);
+2. place the file at exactly dst: a hard link on one filesystem, or a copy to tmp,
+   fsync, `mark_move_copied`, link tmp -> dst across filesystems; never an overwrite;
+3. unlink src (only if it is still the same file), fsync both folders;
+4. `finish_move`: the journal row disappears and the image row moves, in one commit.
+
+`recover_moves` replays what a crash interrupted; it decides from the disk alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segd import fsops
+from segd.store import MoveRow, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MovePlan:
+    image_id: int
+    src: Path
+    folder: Path
+    name: str
+    updates: dict[str, Any]  # image fields to set with the new path (state, cluster...)
+
+
+def journaled_move(store: Store, plan: MovePlan) -> Path:
+    """Move plan.src into plan.folder under plan.name or a free suffixed name."""
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    before = os.lstat(plan.src)
+    cross_fs = before.st_dev != os.stat(plan.folder).st_dev
+    for candidate in fsops.candidate_names(plan.name):
+        dst = plan.folder / candidate
+        if os.path.lexists(dst):
+            continue
+        tmp = plan.folder / f"{fsops.TMP_PREFIX}{plan.image_id}" if cross_fs else None
+        move_id = store.begin_move(plan.image_id, plan.src, dst, tmp)
+        try:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)  # a leftover of an earlier, rolled-back attempt
+                fsops.copy_to_temp(plan.src, plan.folder, tmp.name.removeprefix(
+                    fsops.TMP_PREFIX))
+                store.mark_move_copied(move_id)
+                _link_exact(tmp, dst)
+                tmp.unlink()
+            else:
+                _link_exact(plan.src, dst)
+        except FileExistsError:
+            # Someone took the name between the check and the link: roll back, next name.
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            store.finish_move(move_id)
+            continue
+        except BaseException:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            store.finish_move(move_id)
+            raise
+        fsops.fsync_dir(plan.folder)
+        fsops.remove_if_unchanged(plan.src, before)
+        store.finish_move(move_id, {"path": dst, **plan.updates})
+        return dst
+    raise FileExistsError(f"no free name for {plan.name} in {plan.folder}")
+
+
+def _link_exact(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in fsops.NO_HARDLINKS:
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(dst) from exc
+        os.rename(src, dst)
+
+
+def file_sha256(path: Path) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def recover_moves(store: Store, updates_for: Callable[[MoveRow], dict[str, Any]]) -> int:
+    """Complete or roll back every journaled move a crash left open; return how many.
+
+    `updates_for(move)` gives the image fields a completed move implies (state, cluster),
+    derived by the caller from where dst lies.
+    """
+    moves = store.pending_moves()
+    for move in moves:
+        outcome = _recover_one(store, move, updates_for)
+        log.warning("recovered interrupted move %s -> %s: %s", move.src, move.dst, outcome)
+    return len(moves)
+
+
+def _recover_one(store: Store, move: MoveRow,
+                 updates_for: Callable[[MoveRow], dict[str, Any]]) -> str:
+    image = store.get_image(move.image_id) if move.image_id is not None else None
+    src_there = os.path.lexists(move.src)
+    dst_there = os.path.lexists(move.dst)
+    if move.tmp is not None and os.path.lexists(move.tmp):
+        if move.state == "copied" and not dst_there:
+            _link_exact(move.tmp, move.dst)
+            dst_there = True
+        move.tmp.unlink(missing_ok=True)
+    if dst_there and src_there:
+        same = os.path.samestat(os.lstat(move.src), os.lstat(move.dst))
+        if not same and (image is None or file_sha256(move.dst) != image.sha256):
+            # dst is someone else's file that took the name: ours never got there.
+            store.finish_move(move.id)
+            return "rolled back (destination name taken by another file)"
+        os.unlink(move.src)
+        fsops.fsync_dir(move.src.parent)
+        src_there = False
+    if dst_there:
+        fsops.fsync_dir(move.dst.parent)
+        store.finish_move(move.id, {"path": move.dst, **updates_for(move)}
+                          if image is not None else None)
+        return "completed"
+    if src_there:
+        store.finish_move(move.id)
+        return "rolled back (file left at its source)"
+    store.finish_move(move.id)
+    if image is not None:
+        store.delete_image(image.id)
+    return "file gone from both places (removed by a user); forgotten"
