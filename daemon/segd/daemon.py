@@ -156,25 +156,32 @@ class Daemon:
                         error.kind, error.reason)
 
     def _unchanged(self, arrival: Arrival) -> bool:
+        """Still the file that was read? (A refit may have filed it meanwhile, a user may
+        have removed it, or a writer may still be at work on it.)"""
         try:
             now = os.lstat(arrival.path)
         except FileNotFoundError:
+            log.debug("%s is gone (filed by a refit or removed)", arrival.path)
             return False
         st = arrival.stat
         assert st is not None
-        return (now.st_ino, now.st_size, now.st_mtime_ns) == (st.st_ino, st.st_size,
-                                                               st.st_mtime_ns)
+        if (now.st_ino, now.st_size, now.st_mtime_ns) != (st.st_ino, st.st_size, st.st_mtime_ns):
+            # Its next close event (or quiet period) brings it back once it settles.
+            log.info("%s changed while being read; will retry when it settles", arrival.path)
+            return False
+        return True
 
     def _accept(self, arrival: Arrival, embedding: np.ndarray, decode_ms: float) -> None:
-        if not self._unchanged(arrival):
-            # Changed (or gone) since it was read: its next close event brings it back.
-            log.info("%s changed while being read; will retry when it settles", arrival.path)
-            return
         path = arrival.path
+        # Under the intake lock nothing else moves inbox files (refits take it too), so the
+        # checks below still hold when the move starts.
         with self.intake_lock:
+            if not self._unchanged(arrival):
+                return
             existing = self.store.find_by_path(path)
             if existing is not None and existing.state != "pending":
-                existing = None  # a stale row for a name reused in the inbox
+                self.store.delete_image(existing.id)  # a stale row for a reused name
+                existing = None
             if len(self.centroids) == 0:
                 self._keep_pending(arrival, embedding, existing)
                 return
@@ -187,9 +194,14 @@ class Daemon:
             labels, dists = assign(embedding[None, :], self.centroids)
             cluster_id = int(self.centroid_ids[labels[0]])
             folder = resolve_cluster_folder(self.store, self.config.library, cluster_id)
-            dest = journaled_move(self.store, MovePlan(
-                image_id, path, folder, path.name,
-                {"state": "sorted", "cluster_id": cluster_id, "distance": float(dists[0])}))
+            try:
+                dest = journaled_move(self.store, MovePlan(
+                    image_id, path, folder, path.name,
+                    {"state": "sorted", "cluster_id": cluster_id, "distance": float(dists[0])}))
+            except FileNotFoundError:
+                log.debug("%s vanished before it could be filed", path)
+                self.store.delete_image(image_id)
+                return
             self.store.add_to_cluster_size(cluster_id, 1)
         self.counters.sorted += 1
         ms = (time.perf_counter() - arrival.started) * 1000.0
