@@ -24,6 +24,7 @@ GpuPolicy = Literal["preferred", "required", "off"]
 Precision = Literal["fp32", "fp16"]
 ResizePolicy = Literal["crop", "squash"]
 RefitAction = Literal["move", "keep"]
+IoBinding = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ModelConfig:
     input_size: int | None = None  # None: the size recorded in the model's metadata
     resize: ResizePolicy = "crop"
     threads: int = 0  # onnxruntime intra-op threads on the CPU; 0 = onnxruntime's choice
+    io_binding: IoBinding = "auto"  # auto = on the GPU only
 
 
 @dataclass(frozen=True)
