@@ -26,6 +26,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from segd.decode import SUPPORTED_SUFFIXES, DecodeOptions, decode_file
 
 DEFAULT_FOLDER = Path("/work/shared/datasets/clothing10")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from segd.store import EMBEDDING_DIM, open_store
 
 

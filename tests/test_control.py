@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from segd import control
 from segd.control import ControlServer, DaemonNotRunning, check_request, peer_allowed, request
 from segd.errors import ControlError, StoreError

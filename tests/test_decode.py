@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from segd import decode as dec
 from segd.decode import (
     HEIF_MISSING_REASON,

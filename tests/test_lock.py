@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from segd.errors import StoreError
 from segd.lock import acquire_state_lock, read_lock_holder
 

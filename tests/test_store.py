@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from segd import store as st
 from segd.errors import StoreError
 from segd.store import Store, open_store

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from segd.config import WatchConfig
 from segd.watcher import InboxWatcher, is_ignored, scan_inbox
 
