@@ -564,7 +564,7 @@ class Store:
                 "embedding, reason, added_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     sha256,
-                    original_name,
+                    _text_to_db(original_name),
                     _abs_path(path, what),
                     state,
                     cluster_id,
@@ -733,8 +733,8 @@ class Store:
         return ImageRow(
             id=r[0],
             sha256=r[1],
-            original_name=r[2],
-            path=Path(r[3]),
+            original_name=_text_from_db(r[2]),
+            path=Path(_text_from_db(r[3])),
             state=r[4],
             cluster_id=r[5],
             distance=r[6],
@@ -817,8 +817,10 @@ class Store:
         Returns the number of image paths rewritten."""
         what = f"rename folder of cluster {cluster_id}"
         _check_folder(new_dir.name, what)
-        old_prefix = _abs_path(old_dir, what) + "/"
-        new_prefix = _abs_path(new_dir, what) + "/"
+        old_prefix, new_prefix = str(old_dir) + "/", str(new_dir) + "/"
+        if not (isinstance(_abs_path(old_dir, what), str)
+                and isinstance(_abs_path(new_dir, what), str)):
+            raise StoreError(f"{what}: folder names must be valid UTF-8")
         with self._write(what) as conn:
             conn.execute("UPDATE clusters SET folder = ? WHERE id = ?", (new_dir.name, cluster_id))
             cur = conn.execute(
@@ -976,9 +978,9 @@ class Store:
             MoveRow(
                 id=r[0],
                 image_id=r[1],
-                src=Path(r[2]),
-                dst=Path(r[3]),
-                tmp=None if r[4] is None else Path(r[4]),
+                src=Path(_text_from_db(r[2])),
+                dst=Path(_text_from_db(r[3])),
+                tmp=None if r[4] is None else Path(_text_from_db(r[4])),
                 state=r[5],
                 created_at=r[6],
             )
@@ -1002,11 +1004,25 @@ def _check_state(state: str, what: str) -> None:
         raise StoreError(f"{what}: invalid state {state!r}, expected one of {IMAGE_STATES}")
 
 
-def _abs_path(path: Path | str, what: str) -> str:
+def _abs_path(path: Path | str, what: str) -> str | bytes:
     p = Path(path)
     if not p.is_absolute():
         raise StoreError(f"{what}: path {str(p)!r} is not absolute")
-    return str(p)
+    return _text_to_db(str(p))
+
+
+def _text_to_db(text: str) -> str | bytes:
+    """File names need not be UTF-8 (Linux names are bytes): such a name is stored as the
+    raw bytes in a BLOB, which SQLite keeps as is, and read back with os.fsdecode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+    return text
+
+
+def _text_from_db(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
 def _check_folder(folder: str, what: str) -> None:
