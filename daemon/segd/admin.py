@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from segd import control
 from segd.cluster import FitParams
 from segd.config import Config
 from segd.lock import acquire_state_lock, read_lock_holder
+from segd.overview import ClusterSample, write_overview
 from segd.privileges import refuse_root
 from segd.refit import run_refit
 from segd.store import open_store
@@ -85,8 +88,10 @@ def collect_status(config: Config) -> dict[str, Any]:
     return status
 
 
-def status_command(config: Config, *, as_json: bool) -> int:
+def status_command(config: Config, *, as_json: bool, overview: Path | None = None) -> int:
     status = collect_status(config)
+    if overview is not None and status.get("clusters"):
+        write_library_overview(config, overview)
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
@@ -119,4 +124,27 @@ def status_command(config: Config, *, as_json: bool) -> int:
     print(f"clusters:    {len(status['clusters'])}")
     for c in status["clusters"]:
         print(f"  {c['folder']:<28} {c['size']:7d}  {c['path']}")
+    if overview is not None and status.get("clusters"):
+        print(f"overview:    {overview}")
     return 0
+
+
+def write_library_overview(config: Config, out: Path, per_cluster: int = 8) -> None:
+    """Contact sheet of the library: each cluster's images closest to its centroid."""
+    store = open_store(config.db_path, readonly=True)
+    try:
+        with store.snapshot():
+            clusters = store.clusters(active_only=True)
+            best: dict[int, list[tuple[float, int, Path]]] = {c.id: [] for c in clusters}
+            for image in store.iter_images(state="sorted"):
+                heap = best.get(image.cluster_id or -1)
+                if heap is None:
+                    continue
+                heapq.heappush(heap, (-(image.distance or 0.0), image.id, image.path))
+                if len(heap) > per_cluster:
+                    heapq.heappop(heap)
+    finally:
+        store.close()
+    write_overview([ClusterSample(c.folder, c.size,
+                                  [p for _, _, p in sorted(best[c.id], reverse=True)])
+                    for c in clusters], out)

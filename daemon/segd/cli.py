@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(move=False)
     p.add_argument("--recursive", "-r", action="store_true", help="include subfolders of SRC")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write the silhouette curve (PNG)")
+    p.add_argument("--overview", type=Path, metavar="FILE",
+                   help="write a contact sheet of each cluster's most typical images (PNG/JPG)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_sort)
 
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", parents=[common], help="show the daemon and the clusters")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--overview", type=Path, metavar="FILE",
+                   help="also write a contact sheet of the clusters (PNG/JPG)")
     p.set_defaults(handler=_cmd_status)
 
     p = sub.add_parser("doctor", parents=[common],
@@ -153,6 +157,12 @@ def _cmd_sort(args: argparse.Namespace, config: Config) -> int:
         plot_silhouette(result.fit.scores, chosen, args.plot,
                         title=f"silhouette for {args.src.name or args.src}")
         print(f"silhouette plot written to {args.plot}")
+    if args.overview and result.samples:
+        from segd.overview import ClusterSample, write_overview
+
+        write_overview([ClusterSample(f, result.sizes[f], result.samples[f])
+                        for f in result.sizes], args.overview)
+        print(f"overview written to {args.overview}")
     return 0
 
 
@@ -173,7 +183,7 @@ def _cmd_refit(args: argparse.Namespace, config: Config) -> int:
 def _cmd_status(args: argparse.Namespace, config: Config) -> int:
     from segd.admin import status_command
 
-    return status_command(config, as_json=args.json)
+    return status_command(config, as_json=args.json, overview=args.overview)
 
 
 def _cmd_doctor(args: argparse.Namespace, config: Config) -> int:

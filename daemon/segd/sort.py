@@ -6,6 +6,7 @@ them back in chunks, so memory stays flat however many images SRC holds.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import tempfile
@@ -27,6 +28,7 @@ from segd.progress import Progress
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
+SAMPLES_PER_FOLDER = 8
 READ_CHUNK_ROWS = 8192
 
 
@@ -52,6 +54,7 @@ class SortResult:
     placed: int
     seconds: float
     embed_seconds: float
+    samples: dict[str, list[Path]] = field(default_factory=dict)  # most typical per folder
 
 
 def list_images(src: Path, recursive: bool, exclude: Path | None = None) -> list[Path]:
@@ -122,17 +125,22 @@ def run_sort(opts: SortOptions, embedder: Embedder) -> SortResult:
     for rank, cluster in enumerate(order, start=1):
         folders[cluster] = cluster_folder_name(rank)
 
-    placed = _place_all(opts, readable, labels, distances, folders, unreadable)
+    samples: dict[str, list[tuple[float, int, Path]]] = {f: [] for f in folders}
+    placed = _place_all(opts, readable, labels, distances, folders, unreadable, samples)
     sizes = {folders[c]: int(counts[c]) for c in order}
     return SortResult(fit=fit_result, folders=folders, sizes=sizes, unreadable=unreadable,
                       placed=placed, seconds=time.perf_counter() - started,
-                      embed_seconds=embed_seconds)
+                      embed_seconds=embed_seconds,
+                      samples={f: [p for _, _, p in sorted(samples[f], reverse=True)]
+                               for f in sizes})
 
 
 def _place_all(opts: SortOptions, readable: list[Path], labels: np.ndarray,
                distances: np.ndarray, folders: list[str],
-               unreadable: list[tuple[Path, ImageError]]) -> int:
-    """File every image, set the unreadable ones aside, and write the manifest CSVs."""
+               unreadable: list[tuple[Path, ImageError]],
+               samples: dict[str, list[tuple[float, int, Path]]]) -> int:
+    """File every image, set the unreadable ones aside, and write the manifest CSVs.
+    `samples` collects the few most typical placed files of each folder."""
     place = fsops.place_move if opts.move else fsops.place_copy
     rows: list[list[object]] = []
     placed = 0
@@ -145,6 +153,11 @@ def _place_all(opts: SortOptions, readable: list[Path], labels: np.ndarray,
             continue
         placed += 1
         rows.append([path, final, folders[label], f"{distances[i]:.4f}", ""])
+        keep = samples[folders[label]]
+        # Max-heap of the SAMPLES_PER_FOLDER smallest distances (negated for heapq).
+        heapq.heappush(keep, (-float(distances[i]), i, final))
+        if len(keep) > SAMPLES_PER_FOLDER:
+            heapq.heappop(keep)
 
     if unreadable:
         bad_folder = opts.dest / UNREADABLE_FOLDER
