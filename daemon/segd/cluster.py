@@ -131,7 +131,7 @@ def fit_stream(read_chunks: ChunkSource, n: int, params: FitParams) -> FitResult
     centroids = _centroids_in_original_space(read_chunks, model.labels_, k)
     labels, distances = _assign_stream(read_chunks, centroids)
     silhouette = scores.get(k)
-    if silhouette is None and k >= 2:
+    if silhouette is None and 2 <= k < n:
         silhouette = _silhouette(z[_subset(rng, n, SELECTION_SAMPLE)],
                                  None, params, model=model)
     return FitResult(k=k, labels=labels, distances=distances, centroids=centroids,
@@ -170,12 +170,18 @@ def _fit_projection(read_chunks: ChunkSource, n: int, params: FitParams,
     dims = min(params.pca_dims, sample.shape[1], max(len(sample) - 1, 1))
     mean = sample.mean(axis=0)
     centred = sample - mean
-    # Eigenvectors of the (d, d) covariance: ten times faster than an SVD of the sample.
-    eigvals, eigvecs = np.linalg.eigh(centred.T @ centred / max(len(sample) - 1, 1))
-    order = np.argsort(eigvals)[::-1][:dims]
-    components = eigvecs[:, order].T
+    scale = max(len(sample) - 1, 1)
+    if len(sample) < sample.shape[1]:
+        # Fewer rows than dimensions: the thin SVD of the sample is the cheap route.
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        eigvals, components = (s[:dims] ** 2) / scale, vt[:dims]
+    else:
+        # Eigenvectors of the (d, d) covariance: ten times faster than an SVD of the sample.
+        values, vectors = np.linalg.eigh(centred.T @ centred / scale)
+        order = np.argsort(values)[::-1][:dims]
+        eigvals, components = values[order], vectors[:, order].T
     if params.whiten:
-        components = components / np.sqrt(np.maximum(eigvals[order], 1e-12))[:, None]
+        components = components / np.sqrt(np.maximum(eigvals, 1e-12))[:, None]
     return Projection(mean=mean.astype(np.float32), components=components.astype(np.float32))
 
 

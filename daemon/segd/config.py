@@ -178,12 +178,18 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: Path) -> Any:
 
 def _coerce(hint: Any, value: Any, key: str, source: Path) -> Any:
     if dataclasses.is_dataclass(hint):
+        if value is None:  # a section whose keys are all commented out
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(key, "must be a mapping", source)
         return _build(hint, value, prefix=f"{key}.", source=source)
     origin = get_origin(hint)
     args = get_args(hint)
     if origin is Literal:
+        if isinstance(value, bool):
+            # YAML 1.1 reads unquoted on/off/yes/no as booleans: take them back as words.
+            word = "on" if value else "off"
+            value = word if word in args else value
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(key, f"must be one of {choices}, got {value!r}", source)

@@ -27,22 +27,19 @@ def candidate_names(name: str) -> Iterator[str]:
 
 
 def _suffixed(name: str, i: int) -> str:
-    if i == 1:
-        return _fit_name(name)
     stem, dot, ext = name.rpartition(".")
     if not dot or not stem:
         stem, ext, dot = name, "", ""
-    tag = f" ({i})"
+    tag = f" ({i})" if i > 1 else ""
     return _fit_name(stem, tag + dot + ext)
 
 
 def _fit_name(stem: str, tail: str = "") -> str:
-    """Trim `stem` so that stem + tail fits the 255-byte limit of most filesystems."""
-    encoded = os.fsencode(stem)
+    """Trim `stem` (whole characters) so that stem + tail fits the 255-byte name limit."""
     budget = MAX_NAME_BYTES - len(os.fsencode(tail))
-    while len(encoded) > budget:
-        encoded = encoded[:-1]
-    return os.fsdecode(encoded) + tail
+    while len(os.fsencode(stem)) > budget:
+        stem = stem[:-1]
+    return stem + tail
 
 
 def link_no_clobber(src: Path, folder: Path, name: str) -> Path:
