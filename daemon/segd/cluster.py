@@ -5,7 +5,7 @@ Pure numpy / scikit-learn; no files, no store. Embeddings arrive L2-normalised (
 Why a projection: KMeans and the silhouette are both distance-based, and in 1280 dimensions
 most of the distance is noise shared by every image. Centring, keeping the leading principal
 components and re-normalising concentrates the distances on what separates images
-(docs/benchmarks.md has the figures), and makes a refit over a million embeddings cheap:
+(docs/quality.md has the figures), and makes a refit over a million embeddings cheap:
 clustering runs on (n, pca_dims) instead of (n, 1280).
 
 Large collections are streamed: `fit_stream` takes a callable that yields the embeddings in
@@ -19,9 +19,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import silhouette_score
+from threadpoolctl import threadpool_limits
 
 from segd.config import ClusteringConfig
 
@@ -102,6 +104,13 @@ def fit(x: np.ndarray, params: FitParams) -> FitResult:
 
 def fit_stream(read_chunks: ChunkSource, n: int, params: FitParams) -> FitResult:
     """Cluster n embeddings read in chunks; `read_chunks()` must give the same rows each call."""
+    # One BLAS thread: the matrices here are small enough that threads mostly contend, and a
+    # fit runs beside decoding and inference (7-14x faster under load, docs/benchmarks.md).
+    with threadpool_limits(limits=1):
+        return _fit_stream(read_chunks, n, params)
+
+
+def _fit_stream(read_chunks: ChunkSource, n: int, params: FitParams) -> FitResult:
     if n < 2:
         raise ValueError(f"need at least 2 embeddings to cluster, got {n}")
     started = time.perf_counter()
@@ -176,9 +185,12 @@ def _fit_projection(read_chunks: ChunkSource, n: int, params: FitParams,
         _, s, vt = np.linalg.svd(centred, full_matrices=False)
         eigvals, components = (s[:dims] ** 2) / scale, vt[:dims]
     else:
-        # Eigenvectors of the (d, d) covariance: ten times faster than an SVD of the sample.
-        values, vectors = np.linalg.eigh(centred.T @ centred / scale)
-        order = np.argsort(values)[::-1][:dims]
+        # The top eigenvectors of the (d, d) covariance, and only those: ten times faster
+        # than an SVD of the sample.
+        d = centred.shape[1]
+        values, vectors = scipy.linalg.eigh(centred.T @ centred / scale,
+                                            subset_by_index=[d - dims, d - 1], driver="evr")
+        order = np.argsort(values)[::-1]
         eigvals, components = values[order], vectors[:, order].T
     if params.whiten:
         components = components / np.sqrt(np.maximum(eigvals, 1e-12))[:, None]

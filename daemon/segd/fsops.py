@@ -64,8 +64,9 @@ def link_no_clobber(src: Path, folder: Path, name: str) -> Path:
     raise FileExistsError(errno.EEXIST, "no free name", str(folder / name))
 
 
-def copy_to_temp(src: Path, folder: Path, tag: str) -> Path:
-    """Copy src's bytes to a fresh temporary file in `folder`, fsynced; return its path."""
+def copy_to_temp(src: Path, folder: Path, tag: str, *, sync: bool = True) -> Path:
+    """Copy src's bytes to a fresh temporary file in `folder` (fsynced unless told not to:
+    a copy whose source stays may be synced in bulk later); return its path."""
     tmp = folder / f"{TMP_PREFIX}{tag}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     fd_in = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -77,7 +78,8 @@ def copy_to_temp(src: Path, folder: Path, tag: str) -> Path:
                     os.fdopen(fd_out, "wb", closefd=False) as fout:
                 shutil.copyfileobj(fin, fout, length=1 << 20)
                 fout.flush()
-                os.fsync(fout.fileno())
+                if sync:
+                    os.fsync(fout.fileno())
         finally:
             os.close(fd_out)
     except BaseException:
@@ -97,15 +99,17 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def place_copy(src: Path, folder: Path, name: str, tag: str) -> Path:
-    """Copy `src` into `folder` without ever overwriting; `src` stays. Returns the new path."""
+def place_copy(src: Path, folder: Path, name: str, tag: str, *, sync: bool = True) -> Path:
+    """Copy `src` into `folder` without ever overwriting; `src` stays. Returns the new path.
+    With sync=False the caller syncs later (the source still exists, nothing can be lost)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = copy_to_temp(src, folder, tag)
+    tmp = copy_to_temp(src, folder, tag, sync=sync)
     try:
         final = link_no_clobber(tmp, folder, name)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(folder)
+    if sync:
+        fsync_dir(folder)
     return final
 
 

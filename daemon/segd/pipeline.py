@@ -1,8 +1,9 @@
 """Decode on every core, embed in batches: the streaming heart of `segd sort` and `segd run`.
 
-Decoding costs several times what the network does (field notes, docs/benchmarks.md), so
-files are decoded by a thread pool (OpenCV releases the GIL) while the calling thread runs
-the network on full batches. At most `inflight` files are decoded ahead, which bounds memory
+For phone photos (1-3 MP) decoding costs several times what the network does; for small
+images the network dominates (docs/benchmarks.md). Either way, files are decoded by a
+thread pool (OpenCV releases the GIL) while the calling thread runs the network on full
+batches. At most `inflight` files are decoded ahead, which bounds memory
 however many files stream through.
 
 A source may yield `FLUSH` to say "nothing more is coming for now": the partial batch is

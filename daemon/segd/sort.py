@@ -6,6 +6,7 @@ them back in chunks, so memory stays flat however many images SRC holds.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import os
@@ -141,7 +142,9 @@ def _place_all(opts: SortOptions, readable: list[Path], labels: np.ndarray,
                samples: dict[str, list[tuple[float, int, Path]]]) -> int:
     """File every image, set the unreadable ones aside, and write the manifest CSVs.
     `samples` collects the few most typical placed files of each folder."""
-    place = fsops.place_move if opts.move else fsops.place_copy
+    # Copies leave the sources in place, so they are synced once at the end rather than
+    # file by file; moves are synced one by one, as the source disappears.
+    place = fsops.place_move if opts.move else functools.partial(fsops.place_copy, sync=False)
     rows: list[list[object]] = []
     placed = 0
     for i, (path, label) in enumerate(zip(readable, labels, strict=True)):
@@ -175,4 +178,6 @@ def _place_all(opts: SortOptions, readable: list[Path], labels: np.ndarray,
                             ["source", "destination", "kind", "reason"], reasons)
     fsops.write_csv_new(opts.dest, MANIFEST,
                         ["source", "destination", "cluster", "distance", "error"], rows)
+    if not opts.move:
+        os.sync()
     return placed
