@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from segd import fsops, mover
-from segd.errors import StoreError
 from segd.mover import MovePlan, journaled_move, recover_moves
 from segd.store import MoveRow, Store, open_store
 
@@ -154,15 +153,10 @@ def test_failed_copy_closes_the_journal(store: Store, tmp_path: Path, other_fs: 
     assert image is not None and image.path == src and image.state == "pending"
 
 
-STALE_ROW = (
-    "a name free on disk but still held by a stale image row (the user deleted that file "
-    "while segd ran) is chosen as dst; finish_move then violates UNIQUE(images.path): "
-    "StoreError after the file was already linked and its source unlinked, the journal row "
-    "stays open, and recover_moves hits the same error at every start (it runs before "
-    "reconcile, which would forget the stale row)")
+# A name free on disk but still held by a stale image row (the user deleted that file while
+# segd ran) must not be chosen as dst, and recovery must not trip over such a row either.
 
 
-@pytest.mark.xfail(strict=True, raises=StoreError, reason=STALE_ROW)
 def test_name_held_by_a_stale_row(store: Store, tmp_path: Path) -> None:
     folder = tmp_path / "library" / "cluster-01"
     old = folder / "a.jpg"
@@ -176,7 +170,6 @@ def test_name_held_by_a_stale_row(store: Store, tmp_path: Path) -> None:
     assert store.pending_moves() == []
 
 
-@pytest.mark.xfail(strict=True, raises=StoreError, reason=STALE_ROW)
 def test_recover_into_a_name_held_by_a_stale_row(store: Store, tmp_path: Path) -> None:
     folder = tmp_path / "library" / "cluster-01"
     dst = folder / "a.jpg"

@@ -102,15 +102,36 @@ def fit(x: np.ndarray, params: FitParams) -> FitResult:
     return fit_stream(lambda: (x,), len(x), params)
 
 
-def fit_stream(read_chunks: ChunkSource, n: int, params: FitParams) -> FitResult:
-    """Cluster n embeddings read in chunks; `read_chunks()` must give the same rows each call."""
+class FitCancelled(Exception):
+    """`should_stop` said so between two steps of a fit."""
+
+
+def fit_stream(read_chunks: ChunkSource, n: int, params: FitParams,
+               should_stop: Callable[[], bool] | None = None) -> FitResult:
+    """Cluster n embeddings read in chunks; `read_chunks()` must give the same rows each call.
+
+    `should_stop` is polled between chunks and between KMeans runs, so a stopping daemon
+    waits for one step of a fit, not the whole fit; it then raises FitCancelled.
+    """
+    if should_stop is not None:
+        read_chunks = _stoppable(read_chunks, should_stop)
     # One BLAS thread: the matrices here are small enough that threads mostly contend, and a
     # fit runs beside decoding and inference (7-14x faster under load, docs/benchmarks.md).
     with threadpool_limits(limits=1):
-        return _fit_stream(read_chunks, n, params)
+        return _fit_stream(read_chunks, n, params, should_stop or (lambda: False))
 
 
-def _fit_stream(read_chunks: ChunkSource, n: int, params: FitParams) -> FitResult:
+def _stoppable(read_chunks: ChunkSource, should_stop: Callable[[], bool]) -> ChunkSource:
+    def chunks() -> Iterator[np.ndarray]:
+        for chunk in read_chunks():
+            if should_stop():
+                raise FitCancelled
+            yield chunk
+    return chunks
+
+
+def _fit_stream(read_chunks: ChunkSource, n: int, params: FitParams,
+                should_stop: Callable[[], bool]) -> FitResult:
     if n < 2:
         raise ValueError(f"need at least 2 embeddings to cluster, got {n}")
     started = time.perf_counter()
@@ -127,12 +148,16 @@ def _fit_stream(read_chunks: ChunkSource, n: int, params: FitParams) -> FitResul
         subset = _subset(rng, n, SELECTION_SAMPLE)
         zs = z[subset]
         for k in ks:
+            if should_stop():
+                raise FitCancelled
             labels = _kmeans(k, len(zs), params).fit_predict(zs)
             scores[k] = _silhouette(zs, labels, params)
         k = max(scores, key=lambda kk: (scores[kk], -kk)) if scores else 1
     else:
         k = ks[0]
 
+    if should_stop():
+        raise FitCancelled
     model = _kmeans(k, n, params).fit(z)
     # Centroids live in the original space so that online assignment needs no projection;
     # a last pass re-labels every row against them, so the batch result and later

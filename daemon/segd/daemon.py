@@ -32,7 +32,7 @@ from segd.decode import DecodeOptions, decode_bytes, read_image_file
 from segd.embed import Embedder, cpu_count
 from segd.errors import ConfigError, FileAccessError, ImageError, SegdError
 from segd.lock import StateLock, acquire_state_lock
-from segd.mover import MovePlan, journaled_move, recover_moves
+from segd.mover import MovePlan, SourceChangedError, journaled_move, recover_moves
 from segd.pipeline import FLUSH, Embedded, Flush, embed_stream
 from segd.quarantine import quarantine_file
 from segd.reconcile import reconcile, resolve_cluster_folder, updates_for_move
@@ -197,9 +197,16 @@ class Daemon:
             try:
                 dest = journaled_move(self.store, MovePlan(
                     image_id, path, folder, path.name,
-                    {"state": "sorted", "cluster_id": cluster_id, "distance": float(dists[0])}))
+                    {"state": "sorted", "cluster_id": cluster_id, "distance": float(dists[0])},
+                    expected=arrival.stat))
             except FileNotFoundError:
                 log.debug("%s vanished before it could be filed", path)
+                self.store.delete_image(image_id)
+                return
+            except SourceChangedError:
+                # Replaced or rewritten since it was read: the newer file is reported again
+                # (the queue keeps a path reported while in flight) and read afresh.
+                log.info("%s changed while being filed; will retry when it settles", path)
                 self.store.delete_image(image_id)
                 return
             self.store.add_to_cluster_size(cluster_id, 1)
@@ -236,7 +243,8 @@ class Daemon:
         with self.refit_lock:
             notify.status(f"refitting ({trigger})")
             return run_refit(self.store, self.config, self.fit_params(k), trigger,
-                             dry_run=dry_run, swap_lock=self.intake_lock, on_swapped=swapped)
+                             dry_run=dry_run, swap_lock=self.intake_lock, on_swapped=swapped,
+                             cancel=self.stopping)
 
     def _refit_due(self) -> str | None:
         c = self.config.clustering
@@ -359,6 +367,8 @@ class Daemon:
         self.queue.close()
         intake.join()
         if self.refit_thread is not None:
+            # A fit polls `stopping` between its steps and gives up, so this waits for one
+            # step; an apply already under way finishes (its moves are journaled).
             self.refit_thread.join()
         log.info("stopped; %s", self.status_line())
         return 0

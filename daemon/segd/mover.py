@@ -33,16 +33,33 @@ class MovePlan:
     folder: Path
     name: str
     updates: dict[str, Any]  # image fields to set with the new path (state, cluster...)
+    # The stat of the file the caller read: src must still be that file, else the move is
+    # refused (SourceChangedError) rather than filing another file under this image's row.
+    expected: os.stat_result | None = None
+
+
+class SourceChangedError(Exception):
+    """src is no longer the file the move was planned for (replaced or rewritten)."""
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (
+        b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns)
 
 
 def journaled_move(store: Store, plan: MovePlan) -> Path:
     """Move plan.src into plan.folder under plan.name or a free suffixed name."""
     plan.folder.mkdir(parents=True, exist_ok=True)
     before = os.lstat(plan.src)
+    expected = plan.expected
+    if expected is not None and not _same_file(before, expected):
+        raise SourceChangedError(plan.src)
     cross_fs = before.st_dev != os.stat(plan.folder).st_dev
     for candidate in fsops.candidate_names(plan.name):
         dst = plan.folder / candidate
-        if os.path.lexists(dst):
+        # A name still held by a row whose file a user deleted would make the final commit
+        # violate the store's unique paths: skip it like a taken name.
+        if os.path.lexists(dst) or store.find_by_path(dst) is not None:
             continue
         tmp = plan.folder / f"{fsops.TMP_PREFIX}{plan.image_id}" if cross_fs else None
         move_id = store.begin_move(plan.image_id, plan.src, dst, tmp)
@@ -51,11 +68,15 @@ def journaled_move(store: Store, plan: MovePlan) -> Path:
                 tmp.unlink(missing_ok=True)  # a leftover of an earlier, rolled-back attempt
                 fsops.copy_to_temp(plan.src, plan.folder, tmp.name.removeprefix(
                     fsops.TMP_PREFIX))
+                if expected is not None and not _same_file(os.lstat(plan.src), expected):
+                    raise SourceChangedError(plan.src)  # the copy may hold the newer file
                 store.mark_move_copied(move_id)
                 _link_exact(tmp, dst)
                 tmp.unlink()
             else:
                 _link_exact(plan.src, dst)
+                if expected is not None:
+                    _check_linked(plan.src, dst, expected)
         except FileExistsError:
             # Someone took the name between the check and the link: roll back, next name.
             if tmp is not None:
@@ -72,6 +93,22 @@ def journaled_move(store: Store, plan: MovePlan) -> Path:
         store.finish_move(move_id, {"path": dst, **plan.updates})
         return dst
     raise FileExistsError(f"no free name for {plan.name} in {plan.folder}")
+
+
+def _check_linked(src: Path, dst: Path, expected: os.stat_result) -> None:
+    """The link is made by name: if src was replaced since it was checked, dst is now a
+    second name of the newer file. Take that name away again (src keeps the file)."""
+    placed = os.lstat(dst)
+    if _same_file(placed, expected):
+        return
+    try:
+        second_name = os.path.samestat(os.lstat(src), placed)
+    except FileNotFoundError:
+        second_name = False
+    if second_name:
+        os.unlink(dst)
+        raise SourceChangedError(src)
+    # Not a second link (a filesystem without hard links renamed it): keep it filed.
 
 
 def _link_exact(src: Path, dst: Path) -> None:
@@ -130,6 +167,9 @@ def _recover_one(store: Store, move: MoveRow,
         src_there = False
     if dst_there:
         fsops.fsync_dir(move.dst.parent)
+        stale = store.find_by_path(move.dst)
+        if stale is not None and stale.id != move.image_id:
+            store.delete_image(stale.id)  # a row left by a file the user deleted
         store.finish_move(move.id, {"path": move.dst, **updates_for(move)}
                           if image is not None else None)
         return "completed"

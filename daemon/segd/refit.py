@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -23,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from segd.cluster import FitParams, FitResult, assign, fit_stream, match_clusters
+from segd.cluster import FitCancelled, FitParams, FitResult, assign, fit_stream, match_clusters
 from segd.config import Config
 from segd.library import cluster_folder_name, safe_folder
 from segd.mover import MovePlan, journaled_move
+from segd.reconcile import reconcile, resolve_cluster_folder
 from segd.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -79,15 +81,31 @@ class RefitPlan:
 def run_refit(store: Store, config: Config, params: FitParams, trigger: str, *,
               dry_run: bool = False,
               swap_lock: contextlib.AbstractContextManager[Any] | None = None,
-              on_swapped: Callable[[], None] | None = None) -> RefitReport:
-    """Fit (nothing locked), then apply under `swap_lock` and record the fit."""
+              on_swapped: Callable[[], None] | None = None,
+              cancel: threading.Event | None = None) -> RefitReport:
+    """Fit (nothing locked), then apply under `swap_lock` and record the fit.
+
+    `cancel` set before the apply step begins: nothing is applied (the daemon is stopping
+    and does not wait for a fit; nothing has been written before the apply step)."""
     report = RefitReport(trigger=trigger, dry_run=dry_run)
     started = time.perf_counter()
-    plan = compute_refit(config, params)
+    if cancel is not None and cancel.is_set():
+        report.skipped = "stopping"
+        return report
+    try:
+        plan = compute_refit(config, params, should_stop=cancel.is_set if cancel else None)
+    except FitCancelled:
+        report.skipped = "stopping; the fit was abandoned"
+        log.info("%s", report.summary())
+        return report
     if plan is None:
         report.skipped = "fewer than 2 images with embeddings"
         return report
     with swap_lock or contextlib.nullcontext():
+        if cancel is not None and cancel.is_set():
+            report.skipped = "stopping; the new fit was not applied"
+            log.info("%s", report.summary())
+            return report
         apply_refit(store, config, plan, report)
         if not dry_run:
             store.record_fit(plan.n, plan.fit.k, plan.fit.silhouette, plan.fit.scores,
@@ -99,7 +117,8 @@ def run_refit(store: Store, config: Config, params: FitParams, trigger: str, *,
     return report
 
 
-def compute_refit(config: Config, params: FitParams) -> RefitPlan | None:
+def compute_refit(config: Config, params: FitParams,
+                  should_stop: Callable[[], bool] | None = None) -> RefitPlan | None:
     """Fit over a consistent snapshot of all stored embeddings; None if too few."""
     reader = open_store(config.db_path, readonly=True)
     try:
@@ -111,7 +130,7 @@ def compute_refit(config: Config, params: FitParams) -> RefitPlan | None:
             def chunks() -> Iterator[np.ndarray]:
                 return (emb for _, emb in reader.iter_embedding_chunks(state=None))
 
-            result = fit_stream(chunks, n, params)
+            result = fit_stream(chunks, n, params, should_stop)
             old_ids, old_centroids = reader.centroid_matrix()
     finally:
         reader.close()
@@ -137,6 +156,13 @@ def apply_refit(store: Store, config: Config, plan: RefitPlan, report: RefitRepo
         report.retired = [c.folder for cid, c in active.items()
                           if cid not in plan.mapping.values()]
     else:
+        # Follow what a user did in the library since segd last looked (folders renamed,
+        # photos moved between folders or deleted): re-filing works from the stored paths
+        # and must neither recreate an old folder name nor lose track of a moved photo.
+        changes = reconcile(store, config)
+        if changes:
+            log.info("before re-filing: %s", changes)
+        active = {c.id: c for c in store.clusters(active_only=True)}
         taken = _taken_folder_names(store, config.library)
         with store.transaction():
             for j in range(fit.k):
@@ -164,7 +190,11 @@ def apply_refit(store: Store, config: Config, plan: RefitPlan, report: RefitRepo
 def _refile(store: Store, config: Config, centroids: np.ndarray, new_ids: np.ndarray, *,
             move_sorted: bool, dry_run: bool) -> tuple[int, int]:
     """Move each image whose cluster changed (and every pending one) to its folder."""
-    folders = {c.id: c.folder for c in store.clusters(active_only=False)}
+    # Resolving creates each target folder and records its identity, so that a later
+    # rename by the user is recognised (and followed) rather than the old name recreated.
+    folders = {} if dry_run else {
+        cid: resolve_cluster_folder(store, config.library, cid)
+        for cid in sorted({int(t) for t in new_ids})}
     moved = pending_sorted = 0
     plans: list[MovePlan] = []
     # Plans are collected first (a few fields each; the embeddings are not kept), so the
@@ -183,8 +213,8 @@ def _refile(store: Store, config: Config, centroids: np.ndarray, new_ids: np.nda
         if dry_run:
             continue
         updates = {"state": "sorted", "cluster_id": target, "distance": float(dist[0])}
-        plans.append(MovePlan(image.id, image.path, safe_folder(config.library, folders[target]),
-                              image.original_name, updates))
+        plans.append(MovePlan(image.id, image.path, folders[target], image.original_name,
+                              updates))
     for plan in plans:
         try:
             journaled_move(store, plan)

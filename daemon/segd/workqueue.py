@@ -1,5 +1,8 @@
 """A deduplicating FIFO of inbox paths: a path waits at most once, and is not queued again
-while it is being processed (the watcher reports the same file several times by design)."""
+while it is being processed (the watcher reports the same file several times by design).
+A path reported again while it is being processed is queued once more when it is done: the
+report may be about a newer file under that name (replaced or rewritten meanwhile), and no
+other event may come for it."""
 
 from __future__ import annotations
 
@@ -12,14 +15,21 @@ class WorkQueue:
     def __init__(self) -> None:
         self._items: deque[Path] = deque()
         self._known: set[Path] = set()  # queued or in flight
+        self._queued: set[Path] = set()
+        self._again: set[Path] = set()  # reported again while in flight
         self._cond = threading.Condition()
         self._closed = False
 
     def put(self, path: Path) -> bool:
         with self._cond:
-            if self._closed or path in self._known:
+            if self._closed:
+                return False
+            if path in self._known:
+                if path not in self._queued:
+                    self._again.add(path)
                 return False
             self._known.add(path)
+            self._queued.add(path)
             self._items.append(path)
             self._cond.notify()
             return True
@@ -29,10 +39,21 @@ class WorkQueue:
         with self._cond:
             if not self._items and not self._closed:
                 self._cond.wait(timeout)
-            return self._items.popleft() if self._items else None
+            if not self._items:
+                return None
+            path = self._items.popleft()
+            self._queued.discard(path)
+            return path
 
     def done(self, path: Path) -> None:
         with self._cond:
+            if path in self._again:
+                self._again.discard(path)
+                if not self._closed:
+                    self._queued.add(path)
+                    self._items.append(path)
+                    self._cond.notify()
+                    return
             self._known.discard(path)
 
     def close(self) -> None:
@@ -43,6 +64,7 @@ class WorkQueue:
             for path in self._items:
                 self._known.discard(path)
             self._items.clear()
+            self._queued.clear()
             self._cond.notify_all()
 
     @property
