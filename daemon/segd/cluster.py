@@ -45,7 +45,7 @@ class FitParams:
     n_init: int = 4
     silhouette_sample: int = 4000
     minibatch_above: int = 20_000
-    pca_dims: int = 64  # 0 = cluster the raw embeddings
+    pca_dims: int = 32  # 0 = raw embeddings; keep it >= about 2 * k_max (docs/quality.md)
     whiten: bool = False
 
     @classmethod

@@ -55,7 +55,7 @@ class ClusteringConfig:
     n_init: int = 4
     silhouette_sample: int = 4000
     minibatch_above: int = 20_000
-    pca_dims: int = 64  # 0 = cluster the raw embeddings
+    pca_dims: int = 32  # 0 = raw embeddings; keep it >= about 2 * k_max (docs/quality.md)
     refit_interval_s: float = 6 * 3600.0  # 0 = never on a timer
     refit_growth: float = 0.25  # refit once the collection grew by this fraction; 0 = off
     on_refit: RefitAction = "move"
