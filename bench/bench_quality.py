@@ -170,16 +170,18 @@ class Variant:
 
 def variants(everything: bool) -> list[Variant]:
     raw = FitParams(pca_dims=0, n_init=10)  # the README's reference: no projection
-    best = FitParams(pca_dims=32)  # recommended: crop 160 + mirror, pca 32, no whitening
+    best = FitParams(pca_dims=32)  # crop 160 (+ mirror), pca 32, no whitening
     c160 = Prep("crop", 160)
     out = [
         Variant("original recipe: BGR x/255, squash 224, raw", Prep("squash", 224, "orig"),
                 params=raw),
-        Variant("original recipe + segd projection (pca 64)", Prep("squash", 224, "orig")),
+        Variant("original recipe + segd projection (pca 64)", Prep("squash", 224, "orig"),
+                params=FitParams(pca_dims=64)),
         Variant("README reference: squash 160, raw, n_init 10", Prep("squash", 160), params=raw),
         Variant("README reference: crop 160, raw, n_init 10", c160, params=raw),
-        Variant("segd as shipped: crop 160, pca 64", c160),
-        Variant("recommended: crop 160 + mirror, pca 32", c160, tta=True, params=best),
+        Variant("crop 160, pca 64", c160, params=FitParams(pca_dims=64)),
+        Variant("segd's defaults: crop 160, pca 32", c160, params=FitParams()),
+        Variant("crop 160 + mirror, pca 32", c160, tta=True, params=best),
         Variant("  same, n_init 10", c160, tta=True, params=replace(best, n_init=10)),
     ]
     if not everything:

@@ -37,6 +37,7 @@ class ModelConfig:
     resize: ResizePolicy = "crop"
     threads: int = 0  # onnxruntime intra-op threads on the CPU; 0 = onnxruntime's choice
     io_binding: IoBinding = "auto"  # auto = on the GPU only
+    mirror: bool = False  # average with the mirror image's embedding (2x network work)
 
 
 @dataclass(frozen=True)
