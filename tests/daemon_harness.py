@@ -89,10 +89,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def segd_cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def segd_cli(config: Path, *args: str, timeout: float = 120,
+             run_as: tuple[int, int] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m segd ARGS --config CONFIG` to completion (refit, status...)."""
-    cmd = [sys.executable, "-m", "segd", *args, "--config", str(config)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(),
+    cmd = [*as_user(run_as), sys.executable, "-m", "segd", *args, "--config", str(config)]
+    env = _env()
+    if run_as is not None:
+        env["HOME"] = str(config.parent)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=config.parent)
 
 
@@ -102,10 +106,26 @@ def status_json(config: Path) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-class DaemonProcess:
-    """One `segd run` subprocess, restartable: each start appends a fresh log file."""
+def as_user(run_as: tuple[int, int] | None) -> list[str]:
+    """A command prefix that runs the rest as (uid, gid), no supplementary groups and no
+    capabilities (util-linux `setpriv`; subprocess's own user= cannot reach a Python that
+    lives under root's 0700 home, as pyenv's does)."""
+    if run_as is None:
+        return []
+    return ["setpriv", f"--reuid={run_as[0]}", f"--regid={run_as[1]}", "--clear-groups",
+            "--inh-caps=-all"]
 
-    def __init__(self, config: Path) -> None:
+
+class DaemonProcess:
+    """One `segd run` subprocess, restartable: each start appends a fresh log file.
+
+    `run_as=(uid, gid)` runs it as that user (the tests run as root; a real service runs
+    as its own user), with HOME pointed at the config's folder."""
+
+    def __init__(self, config: Path, run_as: tuple[int, int] | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.run_as = run_as
+        self.extra_args = extra_args
         self.config = config
         self.root = config.parent
         self.proc: subprocess.Popen[bytes] | None = None
@@ -119,9 +139,13 @@ class DaemonProcess:
         log = self.root / f"daemon-{len(self.logs) + 1}.log"
         self.logs.append(log)
         self._log_fh = open(log, "wb")  # noqa: SIM115 - closed in _reap
-        cmd = [sys.executable, "-m", "segd", "run", "--config", str(self.config)]
+        cmd = [*as_user(self.run_as), sys.executable, "-m", "segd", "run", "--config",
+               str(self.config), *self.extra_args]
+        env = _env()
+        if self.run_as is not None:
+            env["HOME"] = str(self.root)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_fh,
-                                     stderr=subprocess.STDOUT, env=_env(), cwd=self.root)
+                                     stderr=subprocess.STDOUT, env=env, cwd=self.root)
         if wait:
             self.wait_ready(timeout)
         return self

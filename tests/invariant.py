@@ -5,7 +5,17 @@ Every file ever dropped into the inbox exists exactly once, byte for byte, in
 file is left anywhere; and the store agrees with the disk: each image row names an existing
 file with the row's sha256, each file in the library and the quarantine has exactly one row,
 each row's state (and cluster) matches the folder it lies in, and no journaled move is left
-open after a clean stop.
+open after a clean stop. And nothing outside segd's folders was created, changed or deleted:
+``Sentinel.take(folder)`` snapshots a folder beside them (or any folder segd must never
+touch, such as the target of a symlink dropped into the inbox) and ``check_invariant(...,
+outside=[sentinel])`` compares it again.
+
+What "exists exactly once" means for things that are not regular files: a symlink dropped
+into the inbox is quarantined as the link itself (its target is never read, moved or
+followed), so it is recorded with ``DropLedger.record_symlink`` and matched by its link
+text, not by the bytes of whatever it points to. FIFOs, sockets, device nodes and
+directories are not files segd takes: they stay in the inbox untouched and are not part of
+the ledger (a test checks them in place).
 
 Used by every end-to-end test and usable from a soak script::
 
@@ -55,6 +65,18 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def symlink_digest(path: Path | bytes | str) -> str:
+    """A symlink is identified by its link text (never by what it points to)."""
+    return sha256_bytes(b"symlink\0" + os.fsencode(os.readlink(os.fsencode(path))))
+
+
+def sha256_entry(path: Path) -> str:
+    """sha256 of a regular file's bytes, or `symlink_digest` for a symlink (not followed)."""
+    if os.path.islink(path):
+        return symlink_digest(path)
+    return sha256_file(path)
+
+
 class DropLedger:
     """Every file dropped into the inbox, in drop order; optionally appended to a JSONL file
     so a soak script can survive its own restarts (``DropLedger.load(path)``)."""
@@ -74,7 +96,11 @@ class DropLedger:
     def record(self, path: Path, data: bytes | None = None) -> Dropped:
         """Record a file just dropped at `path` (hash its bytes, or `data` if given)."""
         digest = sha256_bytes(data) if data is not None else sha256_file(path)
-        return self.add(Path(path).name, digest)
+        return self.add(os.fsdecode(os.path.basename(os.fsencode(path))), digest)
+
+    def record_symlink(self, path: Path | bytes | str) -> Dropped:
+        """Record a symlink just created in the inbox (identified by its link text)."""
+        return self.add(os.fsdecode(os.path.basename(os.fsencode(path))), symlink_digest(path))
 
     @classmethod
     def load(cls, journal: Path) -> DropLedger:
@@ -166,6 +192,7 @@ def check_invariant(
     *,
     open_moves_ok: bool = False,
     extra_files_ok: bool = False,
+    outside: Iterable[Sentinel] = (),
 ) -> Summary:
     """Assert the invariant; return counts. Raises InvariantError (an AssertionError)
     listing every offending file.
@@ -174,6 +201,7 @@ def check_invariant(
     `open_moves_ok`: tolerate open journal rows (only while the daemon is still running or
     was killed; after a clean stop there must be none).
     `extra_files_ok`: tolerate files nobody dropped (e.g. a soak that also writes by hand).
+    `outside`: snapshots of folders segd must never touch; each must be exactly as taken.
     """
     items = list(dropped.items()) if isinstance(dropped, Mapping) else list(dropped)
     problems: list[str] = []
@@ -202,7 +230,7 @@ def check_invariant(
     hashes: dict[Path, str] = {}
     for path in inbox_files + quarantine_files + library_files:
         try:
-            hashes[path] = sha256_file(path)
+            hashes[path] = sha256_entry(path)
         except OSError as exc:
             problems.append(f"cannot read {path}: {exc}")
 
@@ -254,6 +282,13 @@ def check_invariant(
     elif library_files or quarantine_files:
         problems.append(f"files were filed but there is no store at {folders.db}")
 
+    # ---- nothing outside segd's folders was created, changed or deleted
+    for sentinel in outside:
+        changes = sentinel.changes()
+        if changes:
+            problems.append(f"changes outside segd's folders, under {sentinel.root}:"
+                            + _show(changes))
+
     if problems:
         raise InvariantError("segd invariant violated:\n- " + "\n- ".join(problems)
                              + f"\n(state: {summary.describe()})")
@@ -287,7 +322,7 @@ def _check_store(folders: Folders, hashes: dict[Path, str], library_files: list[
         digest = hashes.get(row.path)
         if digest is None:
             try:
-                digest = sha256_file(row.path)
+                digest = sha256_entry(row.path)
             except OSError as exc:
                 bad_rows.append(f"{label}: unreadable: {exc}")
                 continue
@@ -336,3 +371,63 @@ def _check_store(folders: Folders, hashes: dict[Path, str], library_files: list[
     if moves and not open_moves_ok:
         problems.append("open journal rows (moves) after a clean stop:"
                         + _show(f"move {m.id}: {m.src} -> {m.dst} ({m.state})" for m in moves))
+
+
+# ---- folders segd must never touch
+
+
+def _describe_entry(path: Path) -> tuple[object, ...]:
+    st = os.lstat(path)
+    if os.path.islink(path):
+        return ("symlink", os.readlink(path))
+    if os.path.isdir(path):
+        return ("dir", st.st_mode, st.st_uid)
+    if os.path.isfile(path):
+        return ("file", st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, st.st_ino,
+                sha256_file(path))
+    return ("other", st.st_mode, st.st_rdev, st.st_ino)
+
+
+def snapshot_tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """Every entry under `root` (root included, symlinks not followed): kind, mode, owner,
+    size, mtime, inode and content hash, keyed by relative path."""
+    root = Path(root)
+    out: dict[str, tuple[object, ...]] = {}
+    if not os.path.lexists(root):
+        return out
+    out["."] = _describe_entry(root)
+    if os.path.isdir(root) and not os.path.islink(root):
+        for path in _walk(root):
+            out[os.fsdecode(os.path.relpath(path, root))] = _describe_entry(path)
+    return out
+
+
+@dataclass
+class Sentinel:
+    """A folder (or file) segd must leave alone, as it was when `take` snapshotted it."""
+
+    root: Path
+    before: dict[str, tuple[object, ...]]
+
+    @classmethod
+    def take(cls, root: Path) -> Sentinel:
+        return cls(Path(root), snapshot_tree(Path(root)))
+
+    @classmethod
+    def plant(cls, root: Path, photo: Path | None = None) -> Sentinel:
+        """Create `root` with a few files (and a copy of `photo`), then snapshot it."""
+        root = Path(root)
+        (root / "sub").mkdir(parents=True, exist_ok=True)
+        (root / "notes.txt").write_text("segd must not touch this\n", encoding="utf-8")
+        (root / "sub" / "data.bin").write_bytes(os.urandom(4096))
+        if photo is not None:
+            (root / "photo.jpg").write_bytes(Path(photo).read_bytes())
+        return cls.take(root)
+
+    def changes(self) -> list[str]:
+        after = snapshot_tree(self.root)
+        out = [f"deleted: {k}" for k in sorted(self.before.keys() - after.keys())]
+        out += [f"created: {k}" for k in sorted(after.keys() - self.before.keys())]
+        out += [f"changed: {k}: {self.before[k]} -> {after[k]}"
+                for k in sorted(self.before.keys() & after.keys()) if self.before[k] != after[k]]
+        return out

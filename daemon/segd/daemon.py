@@ -136,6 +136,14 @@ class Daemon:
             else:
                 assert result.embedding is not None
                 self._accept(arrival, result.embedding, result.decode_ms)
+        except OSError as exc:
+            # The library or the quarantine is full, read-only or not ours to write: an
+            # expected condition, not a bug. The file stays in the inbox and is tried again
+            # when a rescan finds it (watch.rescan_interval_s).
+            log.warning("%s: could not be filed: %s; left in the inbox, tried again at the "
+                        "next rescan", arrival.path, exc)
+        except SegdError as exc:
+            log.warning("%s: left in the inbox: %s", arrival.path, exc)
         except Exception:
             # One file must never stop the daemon; it stays in the inbox for a later try.
             log.exception("%s: unexpected error; left in the inbox", arrival.path)

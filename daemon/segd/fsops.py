@@ -8,6 +8,7 @@ a temporary name in the destination folder, fsynced, and only then linked into p
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import os
@@ -83,7 +84,9 @@ def copy_to_temp(src: Path, folder: Path, tag: str, *, sync: bool = True) -> Pat
         finally:
             os.close(fd_out)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        # Keep the original error (ENOSPC, EROFS...) even if the cleanup fails too.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     finally:
         os.close(fd_in)

@@ -79,20 +79,35 @@ def journaled_move(store: Store, plan: MovePlan) -> Path:
                     _check_linked(plan.src, dst, expected)
         except FileExistsError:
             # Someone took the name between the check and the link: roll back, next name.
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-            store.finish_move(move_id)
+            if _discard(tmp):
+                store.finish_move(move_id)
             continue
         except BaseException:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-            store.finish_move(move_id)
+            # Roll back. If a temporary copy cannot be removed (the library just became
+            # read-only), the journal row stays open: start-up recovery removes it later.
+            if _discard(tmp):
+                store.finish_move(move_id)
             raise
         fsops.fsync_dir(plan.folder)
         fsops.remove_if_unchanged(plan.src, before)
         store.finish_move(move_id, {"path": dst, **plan.updates})
         return dst
     raise FileExistsError(f"no free name for {plan.name} in {plan.folder}")
+
+
+def _discard(tmp: Path | None) -> bool:
+    """Remove a temporary copy; True when none is left (an unlink on a read-only
+    filesystem fails even for a name that is not there, so look before deciding)."""
+    if tmp is None:
+        return True
+    try:
+        tmp.unlink(missing_ok=True)
+        return True
+    except OSError as exc:
+        if os.path.lexists(tmp):
+            log.warning("could not remove the temporary copy %s: %s", tmp, exc)
+            return False
+        return True
 
 
 def _check_linked(src: Path, dst: Path, expected: os.stat_result) -> None:

@@ -22,6 +22,7 @@ def quarantine_file(store: Store, config: Config, path: Path, error: ImageError,
                     image_id: int | None) -> Path | None:
     """Move `path` into the quarantine folder; None if it vanished first."""
     reason = f"{error.kind}: {error.reason}"
+    created = image_id is None
     if image_id is None:
         image_id = store.add_image("", _printable(path.name), path, "pending", reason=reason)
     try:
@@ -30,6 +31,12 @@ def quarantine_file(store: Store, config: Config, path: Path, error: ImageError,
     except FileNotFoundError:
         store.delete_image(image_id)
         return None
+    except BaseException:
+        # Not moved (quarantine full or read-only...): the file stays in the inbox, so the
+        # placeholder row made above must not stay behind as a hash-less pending row.
+        if created:
+            store.delete_image(image_id)
+        raise
     _append_reason(config.quarantine, dest.name, reason)
     return dest
 

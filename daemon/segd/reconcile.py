@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from segd.config import Config
+from segd.errors import SegdError
 from segd.library import safe_folder
 from segd.store import MoveRow, Store
 
@@ -39,7 +40,21 @@ def resolve_cluster_folder(store: Store, library: Path, cluster_id: int) -> Path
         raise KeyError(f"no cluster {cluster_id}")
     folder = safe_folder(library, cluster.folder)
     known = store.get_meta(_inode_key(cluster_id))
-    if os.path.isdir(folder) and not os.path.islink(folder):
+    if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
+        # A symlink (or a file) where the cluster's folder should be: filing "into" it would
+        # put photos wherever the link points, outside the library. Never follow it; follow
+        # a rename of the real folder inside the library if there was one, else the
+        # cluster's files wait in the inbox until a person puts a real folder back.
+        renamed = _find_dir_with_identity(library, known) if known else None
+        if renamed is not None:
+            count = store.rename_cluster_folder(cluster_id, folder, renamed)
+            log.info("cluster folder %s was renamed to %s; following it (%d images)",
+                     cluster.folder, renamed.name, count)
+            return renamed
+        raise SegdError(f"cluster folder {folder} is a symbolic link or not a folder; "
+                        "segd does not file through it (files for this cluster wait in "
+                        "the inbox)")
+    if os.path.isdir(folder):
         if known is None:
             store.set_meta(_inode_key(cluster_id), _identity(folder) or "")
         return folder
@@ -84,7 +99,10 @@ def reconcile(store: Store, config: Config) -> str:
     """Follow folder renames and file moves made while segd was stopped; a summary or ''."""
     clusters = store.clusters(active_only=True)
     for cluster in clusters:
-        resolve_cluster_folder(store, config.library, cluster.id)
+        try:
+            resolve_cluster_folder(store, config.library, cluster.id)
+        except SegdError as exc:  # one bad folder must not keep the daemon from starting
+            log.warning("%s", exc)
     folder_of = {c.id: c.folder for c in store.clusters(active_only=True)}
     by_folder = {name: cid for cid, name in folder_of.items()}
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from segd.cluster import FitCancelled, FitParams, FitResult, assign, fit_stream, match_clusters
 from segd.config import Config
+from segd.errors import SegdError
 from segd.library import cluster_folder_name, safe_folder
 from segd.mover import MovePlan, journaled_move
 from segd.reconcile import reconcile, resolve_cluster_folder
@@ -192,9 +193,13 @@ def _refile(store: Store, config: Config, centroids: np.ndarray, new_ids: np.nda
     """Move each image whose cluster changed (and every pending one) to its folder."""
     # Resolving creates each target folder and records its identity, so that a later
     # rename by the user is recognised (and followed) rather than the old name recreated.
-    folders = {} if dry_run else {
-        cid: resolve_cluster_folder(store, config.library, cid)
-        for cid in sorted({int(t) for t in new_ids})}
+    folders: dict[int, Path] = {}
+    if not dry_run:
+        for cid in sorted({int(t) for t in new_ids}):
+            try:
+                folders[cid] = resolve_cluster_folder(store, config.library, cid)
+            except SegdError as exc:  # e.g. replaced by a symlink: its files stay put
+                log.warning("%s", exc)
     moved = pending_sorted = 0
     plans: list[MovePlan] = []
     # Plans are collected first (a few fields each; the embeddings are not kept), so the
@@ -212,6 +217,8 @@ def _refile(store: Store, config: Config, centroids: np.ndarray, new_ids: np.nda
             moved += 1
         if dry_run:
             continue
+        if target not in folders:
+            continue
         updates = {"state": "sorted", "cluster_id": target, "distance": float(dist[0])}
         plans.append(MovePlan(image.id, image.path, folders[target], image.original_name,
                               updates))
@@ -221,6 +228,10 @@ def _refile(store: Store, config: Config, centroids: np.ndarray, new_ids: np.nda
         except FileNotFoundError:
             log.warning("%s vanished before it could be re-filed; forgetting it", plan.src)
             store.delete_image(plan.image_id)
+        except OSError as exc:
+            # The library is full or read-only: this file stays where it is (its row still
+            # says so) and the rest of the refit goes on; the next refit tries it again.
+            log.warning("%s could not be re-filed (%s); it stays where it is", plan.src, exc)
     return moved, pending_sorted
 
 

@@ -817,6 +817,10 @@ class Store:
         Returns the number of image paths rewritten."""
         what = f"rename folder of cluster {cluster_id}"
         _check_folder(new_dir.name, what)
+        # A rename stays beside the old folder (in the library): `library/../x` or another
+        # parent would point every image path of the cluster outside the library.
+        if Path(os.path.normpath(new_dir)).parent != Path(os.path.normpath(old_dir)).parent:
+            raise StoreError(f"{what}: {new_dir} is not in the same folder as {old_dir}")
         old_prefix, new_prefix = str(old_dir) + "/", str(new_dir) + "/"
         if not (isinstance(_abs_path(old_dir, what), str)
                 and isinstance(_abs_path(new_dir, what), str)):
