@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from segd.decode import DecodeOptions, decode_bytes, read_image_file
 from segd.embed import Embedder, cpu_count
 from segd.errors import ConfigError, FileAccessError, ImageError, SegdError
 from segd.lock import StateLock, acquire_state_lock
-from segd.mover import MovePlan, SourceChangedError, journaled_move, recover_moves
+from segd.mover import MovePlan, SourceChangedError, journaled_moves, recover_moves
 from segd.pipeline import FLUSH, Embedded, Flush, embed_stream
 from segd.quarantine import quarantine_file
 from segd.reconcile import reconcile, resolve_cluster_folder, updates_for_move
@@ -44,6 +45,7 @@ from segd.workqueue import WorkQueue
 log = logging.getLogger("segd.daemon")
 
 STATUS_EVERY_S = 10.0
+REFIT_RETRY_S = 60.0
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Daemon:
         self.last_fit_at = time.time()
         self.last_fit_n = 0
         self.refit_thread: threading.Thread | None = None
+        self.refit_retry_at = 0.0  # monotonic time before which a failed refit is not retried
         self.started_at = time.time()
         self.watcher = InboxWatcher(config.inbox, config.watch, self._on_ready)
         self.decode_opts = DecodeOptions(size=embedder.input_size, resize=config.model.resize,
@@ -122,33 +125,50 @@ class Daemon:
         try:
             for batch in embed_stream(self._arrivals(), self._load, self.embedder.embed,
                                       batch_size=self.config.model.batch_size, workers=workers):
-                for result in batch:
-                    self._handle(result)
+                self._handle_batch(batch)
         except Exception:  # pragma: no cover - a bug; logged, and the daemon stops cleanly
             log.exception("intake stopped by an unexpected error")
             self.stopping.set()
 
-    def _handle(self, result: Embedded[Arrival]) -> None:
-        arrival = result.item
+    def _handle_batch(self, batch: list[Embedded[Arrival]]) -> None:
+        accepted = []
+        for result in batch:
+            if result.error is None:
+                accepted.append(result)
+                continue
+            try:
+                self._reject(result.item, result.error)
+            except Exception as exc:
+                self._left_in_inbox(result.item.path, exc)
+            finally:
+                self.queue.done(result.item.path)
+        if not accepted:
+            return
         try:
-            if result.error is not None:
-                self._reject(arrival, result.error)
-            else:
-                assert result.embedding is not None
-                self._accept(arrival, result.embedding, result.decode_ms)
-        except OSError as exc:
-            # The library or the quarantine is full, read-only or not ours to write: an
-            # expected condition, not a bug. The file stays in the inbox and is tried again
-            # when a rescan finds it (watch.rescan_interval_s).
-            log.warning("%s: could not be filed: %s; left in the inbox, tried again at the "
-                        "next rescan", arrival.path, exc)
-        except SegdError as exc:
-            log.warning("%s: left in the inbox: %s", arrival.path, exc)
-        except Exception:
-            # One file must never stop the daemon; it stays in the inbox for a later try.
-            log.exception("%s: unexpected error; left in the inbox", arrival.path)
+            self._file_batch(accepted)
+        except Exception as exc:
+            for result in accepted:
+                self._left_in_inbox(result.item.path, exc)
         finally:
-            self.queue.done(arrival.path)
+            for result in accepted:
+                self.queue.done(result.item.path)
+
+    @staticmethod
+    def _left_in_inbox(path: Path, exc: Exception) -> None:
+        """One file (or batch) must never stop the daemon: it stays in the inbox and is
+        tried again when a rescan finds it (watch.rescan_interval_s)."""
+        if isinstance(exc, FileNotFoundError):
+            log.debug("%s vanished before it could be filed", path)
+        elif isinstance(exc, SourceChangedError):
+            # Replaced or rewritten since it was read: the newer file is reported again
+            # (the queue keeps a path reported while in flight) and read afresh.
+            log.info("%s changed while being filed; will retry when it settles", path)
+        elif isinstance(exc, OSError | SegdError):
+            # The library is full, read-only or not ours to write: expected, not a bug.
+            log.warning("%s: could not be filed: %s; left in the inbox, tried again at the "
+                        "next rescan", path, exc)
+        else:
+            log.error("%s: unexpected error; left in the inbox", path, exc_info=exc)
 
     def _reject(self, arrival: Arrival, error: ImageError) -> None:
         if isinstance(error, FileAccessError) and not os.path.lexists(arrival.path):
@@ -179,49 +199,65 @@ class Daemon:
             return False
         return True
 
-    def _accept(self, arrival: Arrival, embedding: np.ndarray, decode_ms: float) -> None:
-        path = arrival.path
+    def _file_batch(self, results: list[Embedded[Arrival]]) -> None:
+        """Assign and file a network batch: rows in one commit, moves journaled together."""
         # Under the intake lock nothing else moves inbox files (refits take it too), so the
-        # checks below still hold when the move starts.
+        # checks made while staging still hold when the moves start.
         with self.intake_lock:
-            if not self._unchanged(arrival):
-                return
-            existing = self.store.find_by_path(path)
-            if existing is not None and existing.state != "pending":
-                self.store.delete_image(existing.id)  # a stale row for a reused name
-                existing = None
-            if len(self.centroids) == 0:
-                self._keep_pending(arrival, embedding, existing)
-                return
-            if existing is None:
-                image_id = self.store.add_image(arrival.sha256, path.name, path, "pending",
-                                                embedding=embedding)
-            else:
-                image_id = existing.id
-                self.store.update_image(image_id, embedding=embedding, sha256=arrival.sha256)
-            labels, dists = assign(embedding[None, :], self.centroids)
-            cluster_id = int(self.centroid_ids[labels[0]])
-            folder = resolve_cluster_folder(self.store, self.config.library, cluster_id)
-            try:
-                dest = journaled_move(self.store, MovePlan(
-                    image_id, path, folder, path.name,
-                    {"state": "sorted", "cluster_id": cluster_id, "distance": float(dists[0])},
-                    expected=arrival.stat))
-            except FileNotFoundError:
-                log.debug("%s vanished before it could be filed", path)
-                self.store.delete_image(image_id)
-                return
-            except SourceChangedError:
-                # Replaced or rewritten since it was read: the newer file is reported again
-                # (the queue keeps a path reported while in flight) and read afresh.
-                log.info("%s changed while being filed; will retry when it settles", path)
-                self.store.delete_image(image_id)
-                return
-            self.store.add_to_cluster_size(cluster_id, 1)
-        self.counters.sorted += 1
-        ms = (time.perf_counter() - arrival.started) * 1000.0
-        log.info("sorted %s -> %s/%s (distance %.3f, %.0f ms, decode %.0f ms)", path.name,
-                 folder.name, dest.name, float(dists[0]), ms, decode_ms)
+            staged: list[tuple[Embedded[Arrival], MovePlan]] = []
+            with self.store.transaction():
+                for result in results:
+                    try:
+                        plan = self._stage(result.item, result.embedding)
+                    except (OSError, SegdError) as exc:
+                        self._left_in_inbox(result.item.path, exc)
+                        continue
+                    if plan is not None:
+                        staged.append((result, plan))
+            outcomes = journaled_moves(self.store, [plan for _, plan in staged])
+            filed = Counter(plan.updates["cluster_id"] for (_, plan), outcome
+                            in zip(staged, outcomes, strict=True) if isinstance(outcome, Path))
+            with self.store.transaction():
+                for cluster_id, count in filed.items():
+                    self.store.add_to_cluster_size(cluster_id, count)
+                for (_, plan), outcome in zip(staged, outcomes, strict=True):
+                    if not isinstance(outcome, Path):
+                        self.store.delete_image(plan.image_id)
+        for (result, plan), outcome in zip(staged, outcomes, strict=True):
+            if not isinstance(outcome, Path):
+                self._left_in_inbox(plan.src, outcome)
+                continue
+            self.counters.sorted += 1
+            ms = (time.perf_counter() - result.item.started) * 1000.0
+            log.info("sorted %s -> %s/%s (distance %.3f, %.0f ms, decode %.0f ms)",
+                     plan.src.name, plan.folder.name, outcome.name, plan.updates["distance"],
+                     ms, result.decode_ms)
+
+    def _stage(self, arrival: Arrival, embedding: np.ndarray | None) -> MovePlan | None:
+        """Record one arrival and plan its move; None when it is not to be moved now."""
+        assert embedding is not None
+        path = arrival.path
+        if not self._unchanged(arrival):
+            return None
+        existing = self.store.find_by_path(path)
+        if existing is not None and existing.state != "pending":
+            self.store.delete_image(existing.id)  # a stale row for a reused name
+            existing = None
+        if len(self.centroids) == 0:
+            self._keep_pending(arrival, embedding, existing)
+            return None
+        labels, dists = assign(embedding[None, :], self.centroids)
+        cluster_id = int(self.centroid_ids[labels[0]])
+        folder = resolve_cluster_folder(self.store, self.config.library, cluster_id)
+        if existing is None:
+            image_id = self.store.add_image(arrival.sha256, path.name, path, "pending",
+                                            embedding=embedding)
+        else:
+            image_id = existing.id
+            self.store.update_image(image_id, embedding=embedding, sha256=arrival.sha256)
+        return MovePlan(image_id, path, folder, path.name,
+                        {"state": "sorted", "cluster_id": cluster_id,
+                         "distance": float(dists[0])}, expected=arrival.stat)
 
     def _keep_pending(self, arrival: Arrival, embedding: np.ndarray, existing: Any) -> None:
         if existing is not None and existing.sha256 == arrival.sha256:
@@ -269,6 +305,8 @@ class Daemon:
     def _maybe_start_refit(self) -> None:
         if self.refit_thread is not None and self.refit_thread.is_alive():
             return
+        if time.monotonic() < self.refit_retry_at:
+            return
         trigger = self._refit_due()
         if trigger is None:
             return
@@ -276,9 +314,14 @@ class Daemon:
         def run() -> None:
             try:
                 self.refit(trigger)
+                return
+            except (OSError, SegdError) as exc:
+                # The library is full, read-only or otherwise unwritable: expected.
+                log.warning("refit (%s) could not be applied: %s; the old clusters stay in "
+                            "use, retrying in %.0f s", trigger, exc, REFIT_RETRY_S)
             except Exception:
                 log.exception("refit (%s) failed; the old clusters stay in use", trigger)
-                self.last_fit_at = time.time()  # do not retry in a tight loop
+            self.refit_retry_at = time.monotonic() + REFIT_RETRY_S  # no tight retry loop
 
         self.refit_thread = threading.Thread(target=run, name="segd-refit", daemon=True)
         self.refit_thread.start()
@@ -389,7 +432,7 @@ def run_daemon(config: Config) -> int:
     control: ControlServer | None = None
     try:
         embedder = Embedder.from_config(config.model)
-        store.bind_model(embedder.spec.sha256, embedder.spec.embedding_dim)
+        store.bind_model(embedder.identity, embedder.spec.embedding_dim)
         recovered = recover_moves(store, lambda move: updates_for_move(store, config, move))
         summary = reconcile(store, config)
         if recovered or summary:

@@ -135,8 +135,9 @@ def place_move(src: Path, folder: Path, name: str, tag: str) -> Path:
     return final
 
 
-def remove_if_unchanged(path: Path, expected: os.stat_result) -> bool:
-    """Unlink `path` if it is still the file described by `expected`; True if removed."""
+def remove_if_unchanged(path: Path, expected: os.stat_result, *, sync: bool = True) -> bool:
+    """Unlink `path` if it is still the file described by `expected`; True if removed.
+    With sync=False the caller fsyncs the folder (once for many files)."""
     try:
         now = os.lstat(path)
     except FileNotFoundError:
@@ -145,7 +146,8 @@ def remove_if_unchanged(path: Path, expected: os.stat_result) -> bool:
             expected.st_dev, expected.st_ino, expected.st_size, expected.st_mtime_ns):
         return False
     os.unlink(path)
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
     return True
 
 

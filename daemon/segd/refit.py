@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -212,6 +213,11 @@ def _refile(store: Store, config: Config, centroids: np.ndarray, new_ids: np.nda
         if image.state == "pending":
             pending_sorted += 1
         elif image.cluster_id == target or not move_sorted:
+            continue
+        elif os.path.islink(image.path.parent):
+            # Its folder was replaced by a link to somewhere else: never move files out of
+            # a place segd does not own.
+            log.warning("%s: its folder is a symbolic link; not re-filed", image.path)
             continue
         else:
             moved += 1

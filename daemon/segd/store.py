@@ -896,7 +896,14 @@ class Store:
         dst: Path | str,
         tmp: Path | str | None = None,
     ) -> int:
-        """Journal a file move and commit it durably; only then may the file be touched.
+        """Journal one move (see begin_moves); returns its id."""
+        return self.begin_moves([(image_id, src, dst, tmp)])[0]
+
+    def begin_moves(
+        self, moves: list[tuple[int | None, Path | str, Path | str, Path | str | None]]
+    ) -> list[int]:
+        """Journal file moves (image_id, src, dst, tmp) and commit them durably, all in one
+        commit; only then may the files be touched. Returns the move ids in order.
 
         Protocol for the daemon::
 
@@ -920,20 +927,24 @@ class Store:
                 "begin_move inside a transaction: the journal row must be committed before "
                 "the file is touched"
             )
-        what = f"journal move {src} -> {dst}"
-        with self._write(what) as conn:
-            cur = conn.execute(
-                "INSERT INTO moves(image_id, src, dst, tmp, state, created_at) "
-                "VALUES (?, ?, ?, ?, 'planned', ?)",
-                (
-                    image_id,
-                    _abs_path(src, what),
-                    _abs_path(dst, what),
-                    None if tmp is None else _abs_path(tmp, what),
-                    time.time(),
-                ),
-            )
-            return int(cur.lastrowid)  # type: ignore[arg-type]
+        ids = []
+        # Several moves journaled in one commit: one fsync for a whole batch of files.
+        with self._write(f"journal {len(moves)} move(s)") as conn:
+            for image_id, src, dst, tmp in moves:
+                what = f"journal move {src} -> {dst}"
+                cur = conn.execute(
+                    "INSERT INTO moves(image_id, src, dst, tmp, state, created_at) "
+                    "VALUES (?, ?, ?, ?, 'planned', ?)",
+                    (
+                        image_id,
+                        _abs_path(src, what),
+                        _abs_path(dst, what),
+                        None if tmp is None else _abs_path(tmp, what),
+                        time.time(),
+                    ),
+                )
+                ids.append(int(cur.lastrowid))  # type: ignore[arg-type]
+        return ids
 
     def mark_move_copied(self, move_id: int) -> None:
         """Record that ``tmp`` holds a complete, fsynced copy of ``src`` (committed at once)."""
@@ -943,6 +954,12 @@ class Store:
             cur = conn.execute("UPDATE moves SET state = 'copied' WHERE id = ?", (move_id,))
             if cur.rowcount != 1:
                 raise StoreError(f"mark move {move_id} copied: no such move")
+
+    def finish_moves(self, moves: list[tuple[int, dict[str, Any] | None]]) -> None:
+        """finish_move for each (move_id, image_updates), all in one commit."""
+        with self.transaction():
+            for move_id, updates in moves:
+                self.finish_move(move_id, updates)
 
     def finish_move(self, move_id: int, image_updates: dict[str, Any] | None = None) -> None:
         """Delete the journal row and apply ``image_updates`` to its image, atomically.
