@@ -246,17 +246,7 @@ def sort_run(src: Path, work: Path, n: int, tag: str) -> dict[str, float]:
     # The daemon's model and decode settings (both default here), CPU only like the daemon.
     cfg.write_text('model:\n  gpu: "off"\n')
     dest = work / f"sorted-{tag}"
-    run = benchlib.run_child([str(benchlib.SEGD), "sort", str(src), str(dest), "--config",
-                              str(cfg), "--k", "5", "--no-progress"])
-    if run.returncode != 0:
-        raise SystemExit(f"segd sort failed ({run.returncode}):\n{run.stderr[-2000:]}")
-    placed = sum(1 for p in dest.rglob("*") if p.is_file() and p.suffix != ".csv")
-    if placed != n:
-        raise SystemExit(f"segd sort placed {placed} of {n} images")
-    reported = float("nan")
-    for line in run.stdout.splitlines():
-        if "images/s embedded" in line:
-            reported = float(line.split("s, ")[1].split(" images/s")[0])
+    run, reported = benchlib.run_segd_sort(src, dest, cfg, n, extra=["--k", "5"])
     shutil.rmtree(dest)
     return {"wall_s": run.wall_s, "rate": n / run.wall_s, "embed_rate": reported}
 

@@ -107,17 +107,7 @@ def sort_run(src: Path, work: Path, n: int, threads: int = 0,
     cfg.write_text(f"model:\n  gpu: \"off\"\n  threads: {threads}\n"
                    f"decode:\n  workers: {workers}\n")
     dest = Path(tempfile.mkdtemp(prefix="sorted-", dir=work))
-    run = benchlib.run_child([str(benchlib.SEGD), "sort", str(src), str(dest), "--config",
-                              str(cfg), "--no-progress"])
-    if run.returncode != 0:
-        raise SystemExit(f"segd sort failed ({run.returncode}):\n{run.stderr[-2000:]}")
-    placed = sum(1 for p in dest.rglob("*") if p.is_file() and p.suffix != ".csv")
-    if placed != n:
-        raise SystemExit(f"segd sort placed {placed} of {n} images")
-    reported = float("nan")
-    for line in run.stdout.splitlines():
-        if "images/s embedded" in line:
-            reported = float(line.split("s, ")[1].split(" images/s")[0])
+    run, reported = benchlib.run_segd_sort(src, dest, cfg, n)
     return run.wall_s, run.peak_rss_mb, reported
 
 

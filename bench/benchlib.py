@@ -100,3 +100,21 @@ def load_average() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "?"
+
+
+def run_segd_sort(src: Path, dest: Path, config: Path, n: int,
+                  extra: Sequence[str] = ()) -> tuple[ChildRun, float]:
+    """Run `segd sort` as a child, check it placed all n images, and return the run and the
+    embedding rate it reports (images/s)."""
+    run = run_child([str(SEGD), "sort", str(src), str(dest), "--config", str(config),
+                     "--no-progress", *extra])
+    if run.returncode != 0:
+        raise SystemExit(f"segd sort failed ({run.returncode}):\n{run.stderr[-2000:]}")
+    placed = sum(1 for p in dest.rglob("*") if p.is_file() and p.suffix != ".csv")
+    if placed != n:
+        raise SystemExit(f"segd sort placed {placed} of {n} images")
+    reported = float("nan")
+    for line in run.stdout.splitlines():
+        if "images/s embedded" in line:
+            reported = float(line.split("s, ")[1].split(" images/s")[0])
+    return run, reported
