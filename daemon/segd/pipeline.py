@@ -62,17 +62,16 @@ def embed_stream(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segd-decode") as pool:
         queue: deque[tuple[T, Future[tuple[np.ndarray, float]]] | Flush] = deque()
         pending: list[Embedded[T]] = []
-        images: list[np.ndarray] = []
+        images = _BatchBuffer(batch_size)
 
         def finish_batch() -> list[Embedded[T]]:
             ok = [r for r in pending if r.error is None]
-            if images:
-                vectors = embed(np.stack(images))
+            if images.count:
+                vectors = embed(images.take())
                 for result, vector in zip(ok, vectors, strict=True):
                     result.embedding = vector
             done = pending.copy()
             pending.clear()
-            images.clear()
             return done
 
         def take_one() -> list[Embedded[T]] | None:
@@ -86,8 +85,8 @@ def embed_stream(
                 pending.append(Embedded(item, error=exc))
             else:
                 pending.append(Embedded(item, decode_ms=ms))
-                images.append(image)
-            return finish_batch() if len(images) >= batch_size else None
+                images.add(image)
+            return finish_batch() if images.count >= batch_size else None
 
         for entry in items:
             if isinstance(entry, Flush):
@@ -106,6 +105,30 @@ def embed_stream(
                 yield batch
         if pending:
             yield finish_batch()
+
+
+class _BatchBuffer:
+    """One (batch, h, w, 3) array reused for every batch: decoded images are copied into
+    their slot, and the network reads the batch from the same memory each time instead of
+    a fresh np.stack. `take` hands out a view, valid until the next `add`."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.array: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, image: np.ndarray) -> None:
+        if self.array is None or self.array.shape[1:] != image.shape:
+            if self.count:  # the decoder gives one shape; a change mid-batch is a bug
+                raise ValueError(f"image shape {image.shape} differs within a batch")
+            self.array = np.empty((self.size, *image.shape), dtype=image.dtype)
+        self.array[self.count] = image
+        self.count += 1
+
+    def take(self) -> np.ndarray:
+        assert self.array is not None
+        batch, self.count = self.array[:self.count], 0
+        return batch
 
 
 def _timed(decode: Callable[[T], np.ndarray], item: T) -> tuple[np.ndarray, float]:
