@@ -10,7 +10,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     onnxruntime-gpu==1.31.1 watchdog==7.1.0
 (cd .whl/full && sha256sum ./*.whl > SHA256SUMS)
 cat .whl/full/onnxruntime_gpu-*.whl > .whl/ort.bin
-split -b 58M -d .whl/ort.bin .whl/piece-
+split -b 44M -d .whl/ort.bin .whl/piece-
 rm .whl/ort.bin
 for piece in .whl/piece-*; do
     n=${piece##*-}; mkdir -p ".whl/p$n"; mv "$piece" ".whl/p$n/"
@@ -18,6 +18,8 @@ done
 # The small files ride with the last piece.
 last=$(ls -d .whl/p* | sort | tail -n 1)
 cp .whl/full/watchdog-*.whl .whl/full/SHA256SUMS "$last/"
+# segd itself, built here: the device has no registry to build it with.
+python3 -m pip wheel -q --no-deps -w "$last" .
 echo "wheel name: $(basename .whl/full/onnxruntime_gpu-*.whl)" > "$last/NAME"
 basename .whl/full/onnxruntime_gpu-*.whl >> "$last/NAME"
 rm -rf .whl/full

@@ -10,10 +10,8 @@ name=$(tail -n 1 NAME)
 cat piece-* > "$name"
 grep -F "$name" SHA256SUMS | sha256sum -c -
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$name" watchdog-*.whl
+    --target /tmp/site "$name" watchdog-*.whl segd-*.whl
 cd - >/dev/null
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-    --target /tmp/site .
 export PYTHONPATH=/tmp/site
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_device())"
 python3 -m segd doctor --config config.yaml 2>&1 | tee "${OUT:-/tmp}/doctor.txt" || true
