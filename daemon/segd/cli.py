@@ -133,8 +133,7 @@ def _cmd_sort(args: argparse.Namespace, config: Config) -> int:
     opts = SortOptions(
         src=args.src, dest=args.dest, move=args.move, recursive=args.recursive,
         fit=fit_params, batch_size=config.model.batch_size, workers=config.decode.workers,
-        decode=DecodeOptions(size=embedder.input_size, resize=config.model.resize,
-                             max_pixels=config.decode.max_pixels),
+        decode=DecodeOptions(resize=config.model.resize, max_pixels=config.decode.max_pixels),
         progress=not args.no_progress)
     result = run_sort(opts, embedder)
 

@@ -6,6 +6,7 @@ them back in chunks, so memory stays flat however many images SRC holds.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import logging
@@ -83,8 +84,7 @@ def run_sort(opts: SortOptions, embedder: Embedder) -> SortResult:
     files = list_images(opts.src, opts.recursive, exclude=opts.dest)
     opts.dest.mkdir(parents=True, exist_ok=True)
     workers = opts.workers or cpu_count()
-    decode_opts = DecodeOptions(size=embedder.input_size, resize=opts.decode.resize,
-                                max_pixels=opts.decode.max_pixels)
+    decode_opts = dataclasses.replace(opts.decode, size=embedder.input_size)
 
     unreadable: list[tuple[Path, ImageError]] = []
     readable: list[Path] = []
