@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_daemon.py [--data DIR] [--burst N] [--singles N]
                                            [--repeats R]
 
-A real `segd run` (tests/daemon_harness.py starts it) in a temporary folder tree, with
+A real `segd run` (tests/support/daemon_harness.py starts it) in a temporary folder tree, with
 `allow_root: true`, `gpu: off`, `min_images: 10`, no timed or growth refits and no periodic
 rescans. It is seeded with 20 of the test photos (tests/data/photos), which wait as pending
 until the first fit files them; everything after that is timed against fitted clusters.
@@ -45,7 +45,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
 import benchlib  # noqa: E402
 from daemon_harness import DaemonProcess, photos, wait_until, write_config  # noqa: E402

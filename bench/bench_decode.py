@@ -1,4 +1,4 @@
-"""Decode throughput of segd.decode: one thread vs a thread pool, full vs reduced JPEG decoding.
+"""Decode throughput of segd.media.decode: one thread vs a pool, full vs reduced JPEG decoding.
 
     python bench/bench_decode.py [FOLDER] [--limit N] [--large N] [--phone N] [--rounds R]
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segd.decode import SUPPORTED_SUFFIXES, DecodeOptions, decode_file
+from segd.media.decode import SUPPORTED_SUFFIXES, DecodeOptions, decode_file
 
 DEFAULT_FOLDER = Path("/work/shared/datasets/clothing10")
 
@@ -108,7 +108,7 @@ def main() -> None:
                          "is the only parallelism; -1 keeps OpenCV's own default)")  # fmt: skip
     args = ap.parse_args()
     if args.cv_threads >= 0:
-        # A benchmark is a caller, so it may set this global; segd.decode itself never does.
+        # A benchmark is a caller, so it may set this global; segd.media.decode itself never does.
         cv2.setNumThreads(args.cv_threads)
 
     print(f"OpenCV {cv2.__version__}, cv2.getNumThreads()={cv2.getNumThreads()}, "

@@ -6,7 +6,7 @@ Builds, in memory, the same graph as models/build_mobilenetv2_onnx.py with extra
 global pooling (average, max, GeM p = 3) after chosen intermediate layers. Photos are decoded
 once with segd's own decoder (crop 160), embedded once (plus the mirror image), and the pooled
 taps are cached in --cache; every combination below is then only post-processing and
-`segd.cluster.fit`. A combination is one or more taps, each L2-normalised, optionally weighted,
+`segd.core.cluster.fit`. A combination is one or more taps, each L2-normalised, optionally weighted,
 concatenated and L2-normalised again: exactly what a single-output model would hand to segd.
 Mirror TTA averages that embedding with the mirror image's (then L2). Labels only score.
 
@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from bench_quality import list_photos  # noqa: E402  (the same photo listing)
 
 from models import build_mobilenetv2_onnx as builder  # noqa: E402
-from segd.cluster import FitParams, fit  # noqa: E402
-from segd.decode import DecodeOptions, decode_file  # noqa: E402
+from segd.core.cluster import FitParams, fit  # noqa: E402
+from segd.media.decode import DecodeOptions, decode_file  # noqa: E402
 
 FIVE = ("dress", "hat", "pants", "shoes", "t-shirt")
 BATCH = 32

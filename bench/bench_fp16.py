@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from segd.cluster import FitParams, fit
-from segd.decode import DecodeOptions, decode_file
-from segd.embed import Embedder, cpu_count, default_model_path
+from segd.core.cluster import FitParams, fit
+from segd.media.decode import DecodeOptions, decode_file
+from segd.media.embed import Embedder, cpu_count, default_model_path
 
 FIVE = ("dress", "hat", "pants", "shoes", "t-shirt")
 

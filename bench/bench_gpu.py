@@ -30,10 +30,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segd.cluster import FitParams
-from segd.decode import DecodeOptions, decode_file
-from segd.embed import Embedder, cpu_count
-from segd.sort import SortOptions, run_sort
+from segd.commands.sort import SortOptions, run_sort
+from segd.core.cluster import FitParams
+from segd.media.decode import DecodeOptions, decode_file
+from segd.media.embed import Embedder, cpu_count
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "tests" / "data" / "photos"

@@ -4,7 +4,7 @@
 
 Ground truth is each photo's parent folder (clothing10 by default: 10 classes, 1,885 photos;
 the "distinct five" are dress, hat, pants, shoes, t-shirt). Labels are used only to score:
-the embedder and `segd.cluster.fit` never see them, and every setting below is one fixed
+the embedder and `segd.core.cluster.fit` never see them, and every setting below is one fixed
 value for both sets. For each variant the table gives, for the five and for the ten:
 
     ARI@true   adjusted Rand index of fit(k = true number of classes)
@@ -32,9 +32,9 @@ import cv2
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from segd.cluster import FitParams, fit
-from segd.decode import DecodeOptions, _fit
-from segd.embed import Embedder
+from segd.core.cluster import FitParams, fit
+from segd.media.decode import DecodeOptions, _fit
+from segd.media.embed import Embedder
 
 FIVE = ("dress", "hat", "pants", "shoes", "t-shirt")
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}

@@ -4,7 +4,7 @@
                                           [--db-dir DIR]
 
 Synthetic embeddings (20 Gaussian blobs on the unit sphere in 1280-d, float32, L2-normalised
-like the model's output) are written into a real state database (segd.store.open_store,
+like the model's output) are written into a real state database (segd.state.store.open_store,
 add_image with state 'sorted' and fake absolute paths, transactions of 1000 rows). The
 database grows from one size to the next, so each row is inserted once.
 
@@ -45,9 +45,9 @@ import json, resource, sys, time
 sys.path.insert(0, {bench!r})
 from pathlib import Path
 import numpy as np
-from segd.cluster import FitParams, fit
+from segd.core.cluster import FitParams, fit
 from segd.config import Config
-from segd.refit import compute_refit
+from segd.state.refit import compute_refit
 import bench_refit
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 config = Config(state_dir=Path({state!r}))
@@ -88,7 +88,7 @@ def synthetic(n: int) -> np.ndarray:
 
 def grow(db: Path, have: int, want: int) -> float:
     """Insert rows have..want-1 into the store; return the insert rate (rows/s)."""
-    from segd.store import open_store
+    from segd.state.store import open_store
 
     c = centres()
     start = time.perf_counter()

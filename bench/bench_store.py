@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segd.store import EMBEDDING_DIM, open_store
+from segd.state.store import EMBEDDING_DIM, open_store
 
 
 def rss_mb() -> float:

@@ -41,9 +41,9 @@ import benchlib
 import cv2
 import numpy as np
 
-from segd.decode import DecodeOptions, decode_file
-from segd.embed import Embedder, cpu_count
-from segd.pipeline import embed_stream
+from segd.core.pipeline import embed_stream
+from segd.media.decode import DecodeOptions, decode_file
+from segd.media.embed import Embedder, cpu_count
 
 BATCH = 32
 SWEEP_IMAGES = 320  # ten batches: enough to rank the settings, short enough for 24 of them

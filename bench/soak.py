@@ -15,7 +15,7 @@ seconds: printed are the peak, and the slope of a least-squares line through the
 samples after its first minute (MiB per hour): "flat" means under 5 MiB/h, or the line
 rising less than 5 % of the peak over the whole soak.
 
-Ends with the invariant (tests/invariant.py): every file dropped is exactly once in the
+Ends with the invariant (tests/support/invariant.py): every file dropped is exactly once in the
 library, the quarantine or the inbox, byte-identical, and the store agrees with the disk.
 --minutes 0 runs the burst alone; --burst 0 the soak alone. The soak's default (30 min)
 is for a dedicated run; the figures in docs/reliability.md say which length they are.
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
 from daemon_harness import photos  # noqa: E402
 from reliability_env import Env  # noqa: E402

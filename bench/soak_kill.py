@@ -3,7 +3,7 @@
     .venv/bin/python bench/soak_kill.py [--rounds 50] [--seed 1] [--burst 30]
                                         [--max-delay 3.0] [--workdir DIR] [--keep]
 
-Each round (tests/test_reliability.py `kill_round`, the same code the test runs 5 times):
+Each round (tests/e2e/test_reliability.py `kill_round`, the same code the test runs 5 times):
 start `segd run` (recovering what the previous kill left), drop a burst of photos, ask
 for `segd refit --k K` with a K different from the last round's (clustering.on_refit:
 move, so many files move between cluster folders), kill -9 the daemon after a random
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
 from invariant import InvariantError  # noqa: E402
 from reliability_env import Env  # noqa: E402

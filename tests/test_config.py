@@ -25,7 +25,7 @@ from segd.config import (
     resolve_paths,
     validate,
 )
-from segd.errors import ConfigError
+from segd.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_CONFIG = ROOT / "config.yaml"

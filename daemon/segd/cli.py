@@ -10,8 +10,8 @@ from pathlib import Path
 
 from segd import __version__
 from segd.config import Config, load_config
-from segd.errors import SegdError
-from segd.privileges import refuse_root
+from segd.core.errors import SegdError
+from segd.service.privileges import refuse_root
 
 log = logging.getLogger("segd")
 
@@ -114,11 +114,11 @@ def parse_k(value: str | None, default: int | str) -> int | str:
 def _cmd_sort(args: argparse.Namespace, config: Config) -> int:
     import dataclasses
 
-    from segd.cluster import FitParams
-    from segd.decode import DecodeOptions
-    from segd.embed import Embedder
-    from segd.report import check_plotting_available, fit_table, plot_silhouette
-    from segd.sort import SortOptions, run_sort
+    from segd.commands.sort import SortOptions, run_sort
+    from segd.core.cluster import FitParams
+    from segd.media.decode import DecodeOptions
+    from segd.media.embed import Embedder
+    from segd.views.report import check_plotting_available, fit_table, plot_silhouette
 
     if args.plot:
         check_plotting_available()
@@ -157,7 +157,7 @@ def _cmd_sort(args: argparse.Namespace, config: Config) -> int:
                         title=f"silhouette for {args.src.name or args.src}")
         print(f"silhouette plot written to {args.plot}")
     if args.overview and result.samples:
-        from segd.overview import ClusterSample, write_overview
+        from segd.views.overview import ClusterSample, write_overview
 
         write_overview([ClusterSample(f, result.sizes[f], result.samples[f])
                         for f in result.sizes], args.overview)
@@ -166,27 +166,27 @@ def _cmd_sort(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, config: Config) -> int:
-    from segd.daemon import run_daemon
+    from segd.service.daemon import run_daemon
 
     refuse_root(args.allow_root or config.allow_root, "run the daemon")
     return run_daemon(config)
 
 
 def _cmd_refit(args: argparse.Namespace, config: Config) -> int:
-    from segd.admin import refit_command
+    from segd.commands.admin import refit_command
 
     return refit_command(config, k=parse_k(args.k, config.clustering.k), dry_run=args.dry_run,
                          allow_root=args.allow_root or config.allow_root)
 
 
 def _cmd_status(args: argparse.Namespace, config: Config) -> int:
-    from segd.admin import status_command
+    from segd.commands.admin import status_command
 
     return status_command(config, as_json=args.json, overview=args.overview)
 
 
 def _cmd_doctor(args: argparse.Namespace, config: Config) -> int:
-    from segd.doctor import doctor_command
+    from segd.commands.doctor import doctor_command
 
     return doctor_command(config, as_json=args.json)
 

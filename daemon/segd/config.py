@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from segd.errors import ConfigError
+from segd.core.errors import ConfigError
 
 SYSTEM_CONFIG = Path("/etc/segd/config.yaml")
 

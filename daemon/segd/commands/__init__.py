@@ -1,0 +1,1 @@
+"""One module per `segd` command: its parser and its body."""

@@ -1,0 +1,1 @@
+"""Bytes to pixels to vectors: image formats, decoding, the embedder."""

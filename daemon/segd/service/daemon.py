@@ -1,0 +1,465 @@
+"""`segd run`: watch the inbox, embed arrivals in micro-batches, file each into its cluster.
+
+Threads and what they own:
+- main: signals, the systemd watchdog and STATUS, refit triggers, config reloads;
+- intake: the pipeline (decoding on a thread pool, the network on full or flushed batches),
+  then assignment and the journaled move of each file;
+- refit: fits off the intake path, then swaps the clusters in under `intake_lock`;
+- watcher and control server threads, which only enqueue work or call `handle_control`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segd.config import Config, check_folders_writable, parse_config_file
+from segd.core.cluster import FitParams, assign
+from segd.core.errors import ConfigError, FileAccessError, ImageError, SegdError
+from segd.core.pipeline import FLUSH, Embedded, Flush, embed_stream
+from segd.core.workqueue import WorkQueue
+from segd.media.decode import DecodeOptions, decode_bytes, read_image_file
+from segd.media.embed import Embedder, cpu_count
+from segd.service import notify
+from segd.service.control import ControlServer
+from segd.service.watcher import InboxWatcher
+from segd.state.lock import StateLock, acquire_state_lock
+from segd.state.mover import MovePlan, SourceChangedError, journaled_moves, recover_moves
+from segd.state.quarantine import quarantine_file
+from segd.state.reconcile import reconcile, resolve_cluster_folder, updates_for_move
+from segd.state.refit import RefitReport, run_refit
+from segd.state.store import Store, open_store
+
+log = logging.getLogger("segd.daemon")
+
+STATUS_EVERY_S = 10.0
+REFIT_RETRY_S = 60.0
+
+
+@dataclass
+class Arrival:
+    """One inbox file on its way through the pipeline; filled in by the decode thread."""
+
+    path: Path
+    sha256: str = ""
+    stat: os.stat_result | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Counters:
+    sorted: int = 0
+    pending: int = 0
+    quarantined: int = 0
+    refits: int = 0
+
+
+class Daemon:
+    def __init__(self, config: Config, embedder: Embedder, store: Store) -> None:
+        self.config = config
+        self.embedder = embedder
+        self.store = store
+        self.queue = WorkQueue()
+        self.counters = Counters()
+        self.intake_lock = threading.Lock()  # assignment + move vs. the refit swap
+        self.refit_lock = threading.Lock()  # one refit at a time
+        self.stopping = threading.Event()
+        self.reload_requested = threading.Event()
+        self.centroid_ids, self.centroids = store.centroid_matrix()
+        self.last_fit_at = time.time()
+        self.last_fit_n = 0
+        self.refit_thread: threading.Thread | None = None
+        self.refit_retry_at = 0.0  # monotonic time before which a failed refit is not retried
+        self.started_at = time.time()
+        self.watcher = InboxWatcher(config.inbox, config.watch, self._on_ready)
+        self.decode_opts = DecodeOptions(size=embedder.input_size, resize=config.model.resize,
+                                         max_pixels=config.decode.max_pixels)
+
+    # ---- wiring -------------------------------------------------------------------------
+
+    def _on_ready(self, path: Path) -> None:
+        self.queue.put(path)
+
+    def fit_params(self, k: int | str | None = None) -> FitParams:
+        params = FitParams.from_config(self.config.clustering)
+        return params if k is None else dataclasses.replace(params, k=k)
+
+    # ---- intake -------------------------------------------------------------------------
+
+    def _arrivals(self) -> Iterator[Arrival | Flush]:
+        """Paths from the queue; FLUSH once the queue has been empty for batch_wait_ms."""
+        wait = self.config.watch.batch_wait_ms / 1000.0
+        flushed = True
+        while True:
+            path = self.queue.get(timeout=None if flushed else wait)
+            if path is None:
+                if self.queue.closed:
+                    return
+                if not flushed:
+                    flushed = True
+                    yield FLUSH
+                continue
+            flushed = False
+            yield Arrival(path)
+
+    def _load(self, arrival: Arrival) -> np.ndarray:
+        data, st = read_image_file(arrival.path, self.decode_opts, follow_symlinks=False)
+        arrival.stat = st
+        arrival.sha256 = hashlib.sha256(data).hexdigest()
+        return decode_bytes(data, self.decode_opts, name=str(arrival.path))
+
+    def intake_loop(self) -> None:
+        workers = self.config.decode.workers or cpu_count()
+        try:
+            for batch in embed_stream(self._arrivals(), self._load, self.embedder.embed,
+                                      batch_size=self.config.model.batch_size, workers=workers):
+                self._handle_batch(batch)
+        except Exception:  # pragma: no cover - a bug; logged, and the daemon stops cleanly
+            log.exception("intake stopped by an unexpected error")
+            self.stopping.set()
+
+    def _handle_batch(self, batch: list[Embedded[Arrival]]) -> None:
+        accepted = []
+        for result in batch:
+            if result.error is None:
+                accepted.append(result)
+                continue
+            try:
+                self._reject(result.item, result.error)
+            except Exception as exc:
+                self._left_in_inbox(result.item.path, exc)
+            finally:
+                self.queue.done(result.item.path)
+        if not accepted:
+            return
+        try:
+            self._file_batch(accepted)
+        except Exception as exc:
+            for result in accepted:
+                self._left_in_inbox(result.item.path, exc)
+        finally:
+            for result in accepted:
+                self.queue.done(result.item.path)
+
+    @staticmethod
+    def _left_in_inbox(path: Path, exc: Exception) -> None:
+        """One file (or batch) must never stop the daemon: it stays in the inbox and is
+        tried again when a rescan finds it (watch.rescan_interval_s)."""
+        if isinstance(exc, FileNotFoundError):
+            log.debug("%s vanished before it could be filed", path)
+        elif isinstance(exc, SourceChangedError):
+            # Replaced or rewritten since it was read: the newer file is reported again
+            # (the queue keeps a path reported while in flight) and read afresh.
+            log.info("%s changed while being filed; will retry when it settles", path)
+        elif isinstance(exc, OSError | SegdError):
+            # The library is full, read-only or not ours to write: expected, not a bug.
+            log.warning("%s: could not be filed: %s; left in the inbox, tried again at the "
+                        "next rescan", path, exc)
+        else:
+            log.error("%s: unexpected error; left in the inbox", path, exc_info=exc)
+
+    def _reject(self, arrival: Arrival, error: ImageError) -> None:
+        if isinstance(error, FileAccessError) and not os.path.lexists(arrival.path):
+            log.debug("%s vanished before it was read", arrival.path)
+            return
+        with self.intake_lock:
+            existing = self.store.find_by_path(arrival.path)
+            dest = quarantine_file(self.store, self.config, arrival.path, error,
+                                   existing.id if existing else None)
+        if dest is not None:
+            self.counters.quarantined += 1
+            log.warning("quarantined %s -> %s: %s: %s", arrival.path.name, dest.name,
+                        error.kind, error.reason)
+
+    def _unchanged(self, arrival: Arrival) -> bool:
+        """Still the file that was read? (A refit may have filed it meanwhile, a user may
+        have removed it, or a writer may still be at work on it.)"""
+        try:
+            now = os.lstat(arrival.path)
+        except FileNotFoundError:
+            log.debug("%s is gone (filed by a refit or removed)", arrival.path)
+            return False
+        st = arrival.stat
+        assert st is not None
+        if (now.st_ino, now.st_size, now.st_mtime_ns) != (st.st_ino, st.st_size, st.st_mtime_ns):
+            # Its next close event (or quiet period) brings it back once it settles.
+            log.info("%s changed while being read; will retry when it settles", arrival.path)
+            return False
+        return True
+
+    def _file_batch(self, results: list[Embedded[Arrival]]) -> None:
+        """Assign and file a network batch: rows in one commit, moves journaled together."""
+        # Under the intake lock nothing else moves inbox files (refits take it too), so the
+        # checks made while staging still hold when the moves start.
+        with self.intake_lock:
+            staged: list[tuple[Embedded[Arrival], MovePlan]] = []
+            with self.store.transaction():
+                for result in results:
+                    try:
+                        plan = self._stage(result.item, result.embedding)
+                    except (OSError, SegdError) as exc:
+                        self._left_in_inbox(result.item.path, exc)
+                        continue
+                    if plan is not None:
+                        staged.append((result, plan))
+            outcomes = journaled_moves(self.store, [plan for _, plan in staged])
+            filed = Counter(plan.updates["cluster_id"] for (_, plan), outcome
+                            in zip(staged, outcomes, strict=True) if isinstance(outcome, Path))
+            with self.store.transaction():
+                for cluster_id, count in filed.items():
+                    self.store.add_to_cluster_size(cluster_id, count)
+                for (_, plan), outcome in zip(staged, outcomes, strict=True):
+                    if not isinstance(outcome, Path):
+                        self.store.delete_image(plan.image_id)
+        for (result, plan), outcome in zip(staged, outcomes, strict=True):
+            if not isinstance(outcome, Path):
+                self._left_in_inbox(plan.src, outcome)
+                continue
+            self.counters.sorted += 1
+            ms = (time.perf_counter() - result.item.started) * 1000.0
+            log.info("sorted %s -> %s/%s (distance %.3f, %.0f ms, decode %.0f ms)",
+                     plan.src.name, plan.folder.name, outcome.name, plan.updates["distance"],
+                     ms, result.decode_ms)
+
+    def _stage(self, arrival: Arrival, embedding: np.ndarray | None) -> MovePlan | None:
+        """Record one arrival and plan its move; None when it is not to be moved now."""
+        assert embedding is not None
+        path = arrival.path
+        if not self._unchanged(arrival):
+            return None
+        existing = self.store.find_by_path(path)
+        if existing is not None and existing.state != "pending":
+            self.store.delete_image(existing.id)  # a stale row for a reused name
+            existing = None
+        if len(self.centroids) == 0:
+            self._keep_pending(arrival, embedding, existing)
+            return None
+        labels, dists = assign(embedding[None, :], self.centroids)
+        cluster_id = int(self.centroid_ids[labels[0]])
+        folder = resolve_cluster_folder(self.store, self.config.library, cluster_id)
+        if existing is None:
+            image_id = self.store.add_image(arrival.sha256, path.name, path, "pending",
+                                            embedding=embedding)
+        else:
+            image_id = existing.id
+            self.store.update_image(image_id, embedding=embedding, sha256=arrival.sha256)
+        return MovePlan(image_id, path, folder, path.name,
+                        {"state": "sorted", "cluster_id": cluster_id,
+                         "distance": float(dists[0])}, expected=arrival.stat)
+
+    def _keep_pending(self, arrival: Arrival, embedding: np.ndarray, existing: Any) -> None:
+        if existing is not None and existing.sha256 == arrival.sha256:
+            return  # already waiting
+        if existing is None:
+            self.store.add_image(arrival.sha256, arrival.path.name, arrival.path, "pending",
+                                 embedding=embedding)
+        else:
+            self.store.update_image(existing.id, embedding=embedding, sha256=arrival.sha256)
+        self.counters.pending += 1
+        counts = self.store.count_by_state()
+        log.info("pending %s (no clusters yet: %d of %d images needed for the first fit; "
+                 "it waits in the inbox)", arrival.path.name, counts["pending"],
+                 self.config.clustering.min_images)
+
+    # ---- refit --------------------------------------------------------------------------
+
+    def refit(self, trigger: str, k: int | str | None = None,
+              dry_run: bool = False) -> RefitReport:
+        """Fit off the intake path, then swap in under the intake lock. Blocks until done."""
+        def swapped() -> None:
+            self.centroid_ids, self.centroids = self.store.centroid_matrix()
+            self.last_fit_at = time.time()
+            self.last_fit_n = sum(self.store.count_by_state()[s] for s in ("sorted", "pending"))
+            self.counters.refits += 1
+
+        with self.refit_lock:
+            notify.status(f"refitting ({trigger})")
+            return run_refit(self.store, self.config, self.fit_params(k), trigger,
+                             dry_run=dry_run, swap_lock=self.intake_lock, on_swapped=swapped,
+                             cancel=self.stopping)
+
+    def _refit_due(self) -> str | None:
+        c = self.config.clustering
+        counts = self.store.count_by_state()
+        n = counts["sorted"] + counts["pending"]
+        if len(self.centroids) == 0:
+            return "first fit" if n >= c.min_images else None
+        if c.refit_growth > 0 and self.last_fit_n and n >= self.last_fit_n * (1 + c.refit_growth):
+            return f"grew from {self.last_fit_n} to {n} images"
+        if c.refit_interval_s > 0 and time.time() - self.last_fit_at >= c.refit_interval_s:
+            return "interval"
+        return None
+
+    def _maybe_start_refit(self) -> None:
+        if self.refit_thread is not None and self.refit_thread.is_alive():
+            return
+        if time.monotonic() < self.refit_retry_at:
+            return
+        trigger = self._refit_due()
+        if trigger is None:
+            return
+
+        def run() -> None:
+            try:
+                self.refit(trigger)
+                return
+            except (OSError, SegdError) as exc:
+                # The library is full, read-only or otherwise unwritable: expected.
+                log.warning("refit (%s) could not be applied: %s; the old clusters stay in "
+                            "use, retrying in %.0f s", trigger, exc, REFIT_RETRY_S)
+            except Exception:
+                log.exception("refit (%s) failed; the old clusters stay in use", trigger)
+            self.refit_retry_at = time.monotonic() + REFIT_RETRY_S  # no tight retry loop
+
+        self.refit_thread = threading.Thread(target=run, name="segd-refit", daemon=True)
+        self.refit_thread.start()
+
+    # ---- control ------------------------------------------------------------------------
+
+    def handle_control(self, message: dict[str, Any]) -> dict[str, Any]:
+        if message["cmd"] == "status":
+            return {"ok": True, "status": self.live_status()}
+        if message["cmd"] == "refit":
+            report = self.refit("on demand", k=message.get("k"),
+                                dry_run=bool(message.get("dry_run")))
+            return {"ok": True, "refit": report.to_dict(), "summary": report.summary()}
+        return {"ok": False, "error": f"unknown command {message['cmd']!r}"}
+
+    def live_status(self) -> dict[str, Any]:
+        r = self.embedder.report
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "providers": list(r.active),
+            "on_gpu": r.on_gpu,
+            "gpu_fallback_reason": r.fallback_reason,
+            "watch_mode": self.watcher.mode,
+            "queue_depth": len(self.queue),
+            "in_flight": self.queue.in_flight,
+            "refit_running": self.refit_lock.locked(),
+            "this_run": dataclasses.asdict(self.counters),
+        }
+
+    def status_line(self) -> str:
+        counts = self.store.count_by_state()
+        device = "GPU" if self.embedder.report.on_gpu else "CPU"
+        return (f"{counts['sorted']} sorted, {counts['pending']} pending, "
+                f"{counts['quarantined']} quarantined, queue {len(self.queue)}, "
+                f"{len(self.centroids)} clusters, on {device}")
+
+    # ---- reload -------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: apply a new config, or keep the old one and say why."""
+        notify.reloading()
+        source = self.config.source
+        try:
+            if source is None:
+                raise ConfigError("(file)", "segd started without a config file")
+            new = parse_config_file(source)
+        except SegdError as exc:
+            log.error("config reload failed, keeping the running config: %s", exc)
+            notify.ready(f"reload failed: {exc}")
+            return
+        restart_needed = [key for key in ("inbox", "library", "quarantine", "state_dir",
+                                          "model", "decode")
+                          if getattr(new, key) != getattr(self.config, key)]
+        if restart_needed:
+            log.warning("config reload: %s changed; these take effect after a restart",
+                        ", ".join(restart_needed))
+            new = dataclasses.replace(new, **{k: getattr(self.config, k) for k in restart_needed})
+        watch_changed = new.watch != self.config.watch
+        self.config = new
+        logging.getLogger().setLevel(new.log_level.upper())
+        if watch_changed:
+            self.watcher.stop()
+            self.watcher = InboxWatcher(new.inbox, new.watch, self._on_ready)
+            self.watcher.start()
+        log.info("config reloaded from %s", source)
+        notify.ready(self.status_line())
+
+    # ---- main loop ----------------------------------------------------------------------
+
+    def serve(self) -> int:
+        intake = threading.Thread(target=self.intake_loop, name="segd-intake", daemon=True)
+        intake.start()
+        self.watcher.start()  # start-up scan: files already in the inbox are queued now
+        log.info("watching %s (%s) -> %s; %s", self.config.inbox, self.watcher.mode,
+                 self.config.library, self.status_line())
+        notify.ready(self.status_line())
+        ping_every = notify.watchdog_interval()
+        tick = min(1.0, ping_every) if ping_every else 1.0
+        last_status = 0.0
+        while not self.stopping.wait(tick):
+            if ping_every:
+                notify.watchdog_ping()
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            self._maybe_start_refit()
+            if time.monotonic() - last_status >= STATUS_EVERY_S:
+                last_status = time.monotonic()
+                notify.status(self.status_line())
+        notify.stopping()
+        log.info("stopping: finishing %d file(s) in flight", self.queue.in_flight)
+        self.watcher.stop()
+        self.queue.close()
+        intake.join()
+        if self.refit_thread is not None:
+            # A fit polls `stopping` between its steps and gives up, so this waits for one
+            # step; an apply already under way finishes (its moves are journaled).
+            self.refit_thread.join()
+        log.info("stopped; %s", self.status_line())
+        return 0
+
+
+def run_daemon(config: Config) -> int:
+    check_folders_writable(config)
+    lock: StateLock = acquire_state_lock(config.lock_path, "daemon")
+    store = open_store(config.db_path)
+    control: ControlServer | None = None
+    try:
+        embedder = Embedder.from_config(config.model)
+        store.bind_model(embedder.identity, embedder.spec.embedding_dim)
+        recovered = recover_moves(store, lambda move: updates_for_move(store, config, move))
+        summary = reconcile(store, config)
+        if recovered or summary:
+            log.info("start-up recovery: %d interrupted move(s) settled; %s", recovered,
+                     summary or "store and disk agree")
+        daemon = Daemon(config, embedder, store)
+        last = store.last_fit()
+        if last is not None:
+            daemon.last_fit_at, daemon.last_fit_n = last.at, last.n
+        control = ControlServer(config.socket_path, daemon.handle_control)
+        control.start()
+        _install_signals(daemon)
+        return daemon.serve()
+    finally:
+        if control is not None:
+            control.stop()
+        store.close()
+        lock.release()
+
+
+def _install_signals(daemon: Daemon) -> None:
+    def stop(signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        daemon.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
+
+

@@ -1,0 +1,1 @@
+"""What must survive a crash: store, journal, file operations, reconcile, quarantine, lock."""

@@ -1,0 +1,459 @@
+"""The inbox watcher against a real observer on a real folder: no mocks.
+
+Timing-based by nature: every wait polls with a deadline, and every "not delivered" check
+is made against a later sentinel event or after a margin well above the configured periods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from segd.config import WatchConfig
+from segd.service.watcher import InboxWatcher, is_ignored, scan_inbox
+
+LINUX = sys.platform.startswith("linux")
+needs_inotify = pytest.mark.skipif(not LINUX, reason="inotify is Linux-only")
+
+# Periodic rescans are off unless a test is about them: they re-deliver on purpose and
+# would blur the "delivered once" checks.
+BASE = WatchConfig(rescan_interval_s=0.0, quiet_s=0.5, poll_interval_s=0.2)
+POLLING = dataclasses.replace(BASE, polling=True)
+
+
+class Collector:
+    """A thread-safe on_ready that records (monotonic time, path) and can be waited on."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.calls: list[tuple[float, Path]] = []
+
+    def __call__(self, path: Path) -> None:
+        with self._cond:
+            self.calls.append((time.monotonic(), path))
+            self._cond.notify_all()
+
+    def names(self) -> list[str]:
+        with self._cond:
+            return [p.name for _, p in self.calls]
+
+    def count(self, name: str) -> int:
+        return self.names().count(name)
+
+    def time_of(self, name: str) -> float:
+        with self._cond:
+            return next(t for t, p in self.calls if p.name == name)
+
+    def wait_for(self, *names: str, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not all(n in {p.name for _, p in self.calls} for n in names):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    got = [p.name for _, p in self.calls]
+                    raise AssertionError(f"waited {timeout} s for {names}, got {got}")
+                self._cond.wait(left)
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def make_watcher(inbox: Path) -> Iterator[Callable[..., tuple[InboxWatcher, Collector]]]:
+    started: list[InboxWatcher] = []
+
+    def make(cfg: WatchConfig = BASE, *, start: bool = True) -> tuple[InboxWatcher, Collector]:
+        collector = Collector()
+        watcher = InboxWatcher(inbox, cfg, collector)
+        started.append(watcher)
+        if start:
+            watcher.start()
+        return watcher, collector
+
+    yield make
+    for watcher in started:
+        watcher.stop()
+
+
+def age(path: Path, seconds: float, *, now: float | None = None) -> None:
+    """Backdate a file's mtime, as if it had been written long ago."""
+    then = (time.time() if now is None else now) - seconds
+    os.utime(path, (then, then))
+
+
+def write_slowly(path: Path, chunks: int = 5, pause: float = 0.2) -> None:
+    with open(path, "wb") as f:
+        for _ in range(chunks):
+            f.write(b"x" * 4096)
+            f.flush()
+            time.sleep(pause)
+
+
+# -- pure functions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "ignored"),
+    [
+        (".hidden.jpg", True),
+        ("foo.jpg.part", True),
+        ("foo.jpg.crdownload", True),
+        ("FOO.JPG.TMP", True),
+        ("foo.jpg~", True),
+        ("~$foo.jpg", True),
+        ("foo.jpg", False),
+        ("part.jpg", False),
+        ("IMG_0001.HEIC", False),
+    ],
+)
+def test_is_ignored(name: str, ignored: bool) -> None:
+    assert is_ignored(name, WatchConfig().ignore) is ignored
+
+
+def test_scan_inbox_filters_and_orders(inbox: Path) -> None:
+    now = time.time()
+    for name, seconds in [("new.jpg", 10), ("old.jpg", 100), ("b.jpg", 50), ("a.jpg", 50)]:
+        (inbox / name).write_bytes(b"x")
+        age(inbox / name, seconds, now=now)  # a.jpg and b.jpg tie: the name decides
+    (inbox / "x.jpg.part").write_bytes(b"x")
+    (inbox / ".hidden.jpg").write_bytes(b"x")
+    os.mkfifo(inbox / "fifo.jpg")  # opening it would block the daemon
+    (inbox / "sub").mkdir()
+    (inbox / "sub" / "deep.jpg").write_bytes(b"x")
+    (inbox / ".thumbnails").mkdir()
+    (inbox / ".thumbnails" / "t.jpg").write_bytes(b"x")
+    outside = inbox.parent / "outside"
+    outside.mkdir()
+    (outside / "far.jpg").write_bytes(b"x")
+    (inbox / "linkdir").symlink_to(outside, target_is_directory=True)
+    (inbox / "link.jpg").symlink_to(outside / "far.jpg")
+    age(inbox / "sub" / "deep.jpg", 1000)
+
+    ignore = WatchConfig().ignore
+    flat = [
+        p.relative_to(inbox).as_posix() for p in scan_inbox(inbox, recursive=False, patterns=ignore)
+    ]
+    # Symlinks are delivered (the daemon quarantines them) but never followed.
+    assert flat[:4] == ["old.jpg", "a.jpg", "b.jpg", "new.jpg"]
+    assert sorted(flat[4:]) == ["link.jpg", "linkdir"]
+    deep = [
+        p.relative_to(inbox).as_posix() for p in scan_inbox(inbox, recursive=True, patterns=ignore)
+    ]
+    assert deep[0] == "sub/deep.jpg"
+    assert sorted(deep) == sorted([*flat, "sub/deep.jpg"])
+
+
+# -- inotify mode ------------------------------------------------------------------------
+
+
+@needs_inotify
+def test_copy_delivered_once_and_reading_it_triggers_nothing(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path, tmp_path: Path
+) -> None:
+    watcher, got = make_watcher()
+    assert watcher.mode == "inotify"
+    src = tmp_path / "src.jpg"
+    src.write_bytes(os.urandom(200_000))
+    shutil.copy(src, inbox / "a.jpg")
+    got.wait_for("a.jpg")
+    # The daemon reads the file: a read-only close must not come back as a delivery.
+    (inbox / "a.jpg").read_bytes()
+    # And moving it out of the inbox is no delivery either.
+    (inbox / "a.jpg").rename(tmp_path / "sorted.jpg")
+    shutil.copy(src, inbox / "sentinel.jpg")
+    got.wait_for("sentinel.jpg")
+    time.sleep(0.7)  # past the move grouper's 0.5 s hold on an unpaired move-out
+    assert got.names() == ["a.jpg", "sentinel.jpg"]
+
+
+@needs_inotify
+def test_slow_write_delivered_only_after_close(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path
+) -> None:
+    # quiet_s well below the pauses: no quiet-period logic may fire for a file we saw created.
+    _, got = make_watcher(dataclasses.replace(BASE, quiet_s=0.1))
+    target = inbox / "slow.jpg"
+    with open(target, "wb") as f:
+        for _ in range(5):
+            f.write(b"x" * 4096)
+            f.flush()
+            time.sleep(0.2)
+            assert got.names() == []
+        closed_at = time.monotonic()
+    got.wait_for("slow.jpg")
+    assert got.time_of("slow.jpg") >= closed_at
+    assert got.names() == ["slow.jpg"]
+
+
+@needs_inotify
+def test_part_file_delivered_under_final_name_only(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path
+) -> None:
+    _, got = make_watcher()
+    write_slowly(inbox / "x.jpg.part", chunks=2, pause=0.1)
+    time.sleep(0.2)
+    assert got.names() == []
+    (inbox / "x.jpg.part").rename(inbox / "x.jpg")
+    got.wait_for("x.jpg")
+    time.sleep(0.3)
+    assert got.names() == ["x.jpg"]
+
+
+@needs_inotify
+def test_move_in_from_outside_delivered(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path, tmp_path: Path
+) -> None:
+    _, got = make_watcher()
+    (tmp_path / "done.jpg").write_bytes(b"x" * 1000)
+    (tmp_path / "done.jpg").rename(inbox / "moved.jpg")
+    got.wait_for("moved.jpg")
+    assert got.names() == ["moved.jpg"]
+
+
+@needs_inotify
+def test_dotfile_ignored(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path
+) -> None:
+    _, got = make_watcher()
+    (inbox / ".hidden.jpg").write_bytes(b"x")
+    (inbox / "foo.crdownload").write_bytes(b"x")
+    (inbox / "visible.jpg").write_bytes(b"x")
+    got.wait_for("visible.jpg")
+    time.sleep(0.2)
+    assert got.names() == ["visible.jpg"]
+
+
+@needs_inotify
+def test_startup_scan_old_files_at_once_young_after_quiet(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path
+) -> None:
+    (inbox / "old.jpg").write_bytes(b"x")
+    age(inbox / "old.jpg", 60)
+    (inbox / "young.jpg").write_bytes(b"x")  # closed before we watched: no event will come
+    (inbox / ".tmpfile").write_bytes(b"x")
+    started = time.monotonic()
+    _, got = make_watcher()
+    assert got.names() == ["old.jpg"]  # delivered synchronously by start()
+    got.wait_for("young.jpg")
+    assert got.time_of("young.jpg") - started >= BASE.quiet_s * 0.9
+    time.sleep(0.3)
+    assert got.names() == ["old.jpg", "young.jpg"]
+
+
+@needs_inotify
+def test_startup_scan_waits_for_a_writer_that_started_before_us(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path
+) -> None:
+    quiet = 0.3
+    target = inbox / "copying.jpg"
+    with open(target, "wb") as f:
+        f.write(b"x" * 4096)
+        f.flush()
+        _, got = make_watcher(dataclasses.replace(BASE, quiet_s=quiet))
+        for _ in range(3):  # the writer is seen writing: the quiet fallback is cancelled
+            time.sleep(0.1)
+            f.write(b"x" * 4096)
+            f.flush()
+        time.sleep(quiet * 3)  # a pause longer than quiet_s, still open
+        assert got.names() == []
+        closed_at = time.monotonic()
+    got.wait_for("copying.jpg")
+    assert got.time_of("copying.jpg") >= closed_at
+    assert got.names() == ["copying.jpg"]
+
+
+@needs_inotify
+@pytest.mark.parametrize("recursive", [False, True])
+def test_subfolders(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path, recursive: bool
+) -> None:
+    sub = inbox / "sub"
+    sub.mkdir()
+    _, got = make_watcher(dataclasses.replace(BASE, recursive=recursive))
+    (sub / "deep.jpg").write_bytes(b"x")
+    (inbox / "top.jpg").write_bytes(b"x")
+    got.wait_for("top.jpg")
+    if recursive:
+        got.wait_for("deep.jpg")
+        assert [p for _, p in got.calls if p.name == "deep.jpg"] == [sub / "deep.jpg"]
+    else:
+        time.sleep(0.3)
+        assert got.names() == ["top.jpg"]
+
+
+@needs_inotify
+def test_recursive_folder_copied_in_and_symlinked_folder_not_followed(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "album"
+    outside.mkdir()
+    for i in range(5):
+        (outside / f"p{i}.jpg").write_bytes(b"x" * 1000)
+        age(outside / f"p{i}.jpg", 60)
+    _, got = make_watcher(dataclasses.replace(BASE, recursive=True))
+    (inbox / "linked").symlink_to(outside, target_is_directory=True)
+    # Files written inside a brand-new folder before its watch exists (cp -r) and files in
+    # a folder moved in wholesale have no close event of their own.
+    shutil.copytree(outside, inbox / "copied")
+    moved = tmp_path / "moved_album"
+    shutil.copytree(outside, moved)
+    moved.rename(inbox / "moved")
+    names = [f"p{i}.jpg" for i in range(5)]
+    got.wait_for("linked", *names)
+    time.sleep(0.3)
+    with got._cond:
+        paths = {p.relative_to(inbox).as_posix() for _, p in got.calls}
+    assert paths == {"linked"} | {f"{d}/{n}" for d in ("copied", "moved") for n in names}
+
+
+@needs_inotify
+def test_symlink_and_hardlink(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path, tmp_path: Path
+) -> None:
+    watcher, got = make_watcher()
+    target = tmp_path / "t.jpg"
+    target.write_bytes(b"x")
+    age(target, 60)
+    (inbox / "sym.jpg").symlink_to(target)  # complete on creation: delivered from the event
+    got.wait_for("sym.jpg")
+    os.link(target, inbox / "hard.jpg")  # a hard link fires only IN_CREATE: no event delivery
+    time.sleep(0.3)
+    assert got.names() == ["sym.jpg"]
+    watcher.rescan()  # what the periodic rescan would do
+    got.wait_for("hard.jpg", timeout=0.1)
+
+
+@needs_inotify
+def test_periodic_rescan_catches_missed_files(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path, tmp_path: Path
+) -> None:
+    watcher, got = make_watcher(dataclasses.replace(BASE, rescan_interval_s=0.3))
+    watcher.stop()
+    (inbox / "while_stopped.jpg").write_bytes(b"x")
+    age(inbox / "while_stopped.jpg", 60)
+    os.link(inbox / "while_stopped.jpg", tmp_path / "other")
+    watcher.start()  # start-up scan
+    got.wait_for("while_stopped.jpg", timeout=0.1)
+    os.link(tmp_path / "other", inbox / "linked_in.jpg")  # no close event: only a rescan sees it
+    got.wait_for("linked_in.jpg", timeout=3.0)
+
+
+@needs_inotify
+def test_on_ready_failure_does_not_stop_watching(inbox: Path) -> None:
+    got = Collector()
+    failures = []
+
+    def flaky(path: Path) -> None:
+        if not failures:
+            failures.append(path)
+            raise RuntimeError("queue full")
+        got(path)
+
+    watcher = InboxWatcher(inbox, BASE, flaky)
+    watcher.start()
+    try:
+        (inbox / "first.jpg").write_bytes(b"x")
+        (inbox / "second.jpg").write_bytes(b"x")
+        got.wait_for("second.jpg")
+        assert [p.name for p in failures] == ["first.jpg"]
+    finally:
+        watcher.stop()
+
+
+# -- polling mode --------------------------------------------------------------------------
+
+
+def test_polling_delivers_after_quiet_period(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path
+) -> None:
+    watcher, got = make_watcher(POLLING)
+    assert watcher.mode == "polling"
+    write_slowly(inbox / "grow.jpg", chunks=5, pause=0.2)
+    last_write = time.monotonic()
+    assert got.names() == []
+    got.wait_for("grow.jpg")
+    # Allow for the mtime being a little older than our clock reading after the last write.
+    assert got.time_of("grow.jpg") - last_write >= POLLING.quiet_s - 0.25
+    (inbox / "x.jpg.part").write_bytes(b"x")
+    (inbox / "x.jpg.part").rename(inbox / "x.jpg")
+    (inbox / ".hidden").write_bytes(b"x")
+    got.wait_for("x.jpg")
+    time.sleep(0.5)
+    assert got.names() == ["grow.jpg", "x.jpg"]
+
+
+def test_polling_startup_scan_uses_quiet_period(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path
+) -> None:
+    (inbox / "present.jpg").write_bytes(b"x")
+    age(inbox / "present.jpg", 60)
+    started = time.monotonic()
+    _, got = make_watcher(POLLING)
+    assert got.names() == []
+    got.wait_for("present.jpg")
+    assert got.time_of("present.jpg") - started >= POLLING.quiet_s * 0.9
+    assert got.names() == ["present.jpg"]
+
+
+# -- recovery and shutdown -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [BASE, POLLING], ids=["inotify", "polling"])
+def test_inbox_deleted_and_recreated(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path, cfg: WatchConfig
+) -> None:
+    if not cfg.polling and not LINUX:
+        pytest.skip("inotify is Linux-only")
+    _, got = make_watcher(dataclasses.replace(cfg, rescan_interval_s=0.3))
+    shutil.rmtree(inbox)
+    inbox.mkdir()
+    (inbox / "after.jpg").write_bytes(b"x")
+    got.wait_for("after.jpg")
+    # And files that arrive once the watch has been rebuilt come through events.
+    time.sleep(0.5)
+    (inbox / "later.jpg").write_bytes(b"x")
+    got.wait_for("later.jpg")
+
+
+@needs_inotify
+def test_inbox_deleted_is_recreated_by_the_watcher(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path
+) -> None:
+    _, got = make_watcher(dataclasses.replace(BASE, rescan_interval_s=0.3))
+    shutil.rmtree(inbox)
+    deadline = time.monotonic() + 5.0
+    while not inbox.is_dir():
+        assert time.monotonic() < deadline, "inbox was not recreated"
+        time.sleep(0.05)
+    time.sleep(0.4)  # one more timer tick: the watch is rebuilt right after the mkdir
+    (inbox / "dropped.jpg").write_bytes(b"x")
+    got.wait_for("dropped.jpg")
+
+
+@pytest.mark.parametrize("cfg", [BASE, POLLING], ids=["inotify", "polling"])
+def test_stop_is_prompt_and_leaves_no_threads(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path, cfg: WatchConfig
+) -> None:
+    if not cfg.polling and not LINUX:
+        pytest.skip("inotify is Linux-only")
+    before = set(threading.enumerate())
+    watcher, _ = make_watcher(dataclasses.replace(cfg, rescan_interval_s=0.3), start=False)
+    watcher.start()
+    (inbox / "pending.jpg").write_bytes(b"x")  # leaves something in flight
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    watcher.stop()
+    assert time.monotonic() - t0 < 1.0
+    assert set(threading.enumerate()) - before == set()

@@ -1,0 +1,400 @@
+"""Refit and reconcile on a real store and real files, with synthetic embeddings.
+
+Each blob is a random unit centre in 1280-d with noisy members; an image is a small file
+of random bytes in the inbox with its embedding in the store, as the daemon leaves a
+pending image before the first fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from segd.config import ClusteringConfig, Config, check_folders_writable, validate
+from segd.core.cluster import FitParams
+from segd.state import reconcile
+from segd.state.refit import RefitReport, run_refit
+from segd.state.store import open_store
+
+DIM = 1280
+PER_BLOB = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    with threadpool_limits(limits=1):  # see test_cluster: much faster on a small busy box
+        yield
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+class Library:
+    """A config, its folders, an open store and helpers to add blobs of images."""
+
+    def __init__(self, root: Path, **clustering: Any) -> None:
+        # pca_dims 0: the projection is covered by test_cluster and costs 0.6 s a fit here.
+        clustering = {"pca_dims": 0, "k_max": 8, **clustering}
+        self.config = validate(Config(
+            inbox=root / "inbox", library=root / "library", quarantine=root / "quarantine",
+            state_dir=root / "state", clustering=ClusteringConfig(**clustering)))
+        check_folders_writable(self.config)
+        self.store = open_store(self.config.db_path)
+        self.rng = np.random.default_rng(0)
+        self.centres: dict[str, np.ndarray] = {}
+        self.blob_of: dict[int, str] = {}
+
+    def close(self) -> None:
+        self.store.close()
+
+    def embedding(self, blob: str) -> np.ndarray:
+        if blob not in self.centres:
+            self.centres[blob] = unit(self.rng.standard_normal(DIM))
+        noise = self.rng.standard_normal(DIM) * (1.0 / np.sqrt(DIM))
+        return unit(self.centres[blob] + noise)
+
+    def add_blob(self, blob: str, count: int = PER_BLOB) -> list[int]:
+        ids = []
+        for i in range(count):
+            path = self.config.inbox / f"{blob}_{i:03d}.jpg"
+            data = self.rng.bytes(64) + path.name.encode()
+            path.write_bytes(data)
+            image_id = self.store.add_image(hashlib.sha256(data).hexdigest(), path.name, path,
+                                            "pending", embedding=self.embedding(blob))
+            self.blob_of[image_id] = blob
+            ids.append(image_id)
+        return ids
+
+    def refit(self, *, dry_run: bool = False, config: Config | None = None) -> RefitReport:
+        config = config or self.config
+        return run_refit(self.store, config, FitParams.from_config(config.clustering), "test",
+                         dry_run=dry_run)
+
+    def cluster_of_blob(self) -> dict[str, int]:
+        """blob -> the one cluster id holding all of its images (asserts there is one)."""
+        found: dict[str, set[int | None]] = {}
+        for image in self.store.iter_images():
+            found.setdefault(self.blob_of[image.id], set()).add(image.cluster_id)
+        assert all(len(ids) == 1 for ids in found.values()), found
+        mapping = {blob: next(iter(ids)) for blob, ids in found.items()}
+        assert None not in mapping.values()
+        assert len(set(mapping.values())) == len(mapping)  # one cluster per blob
+        return mapping  # type: ignore[return-value]
+
+    def folder_of(self, cluster_id: int) -> str:
+        cluster = self.store.get_cluster(cluster_id)
+        assert cluster is not None
+        return cluster.folder
+
+    def state(self) -> dict[str, Any]:
+        """Everything identity-related: clusters, where each image is and what it is."""
+        return {
+            "clusters": [(c.id, c.folder, c.retired_at is None)
+                         for c in self.store.clusters(active_only=False)],
+            "images": [(im.id, im.path, im.state, im.cluster_id)
+                       for im in self.store.iter_images()],
+            "inodes": {im.id: os.stat(im.path).st_ino for im in self.store.iter_images()},
+        }
+
+    def check_disk_agrees(self) -> None:
+        """Every image's file is where the store says; sorted ones in their cluster's folder."""
+        for image in self.store.iter_images():
+            assert image.path.is_file(), image.path
+            assert image.path.name == image.original_name or " (" in image.path.name
+            if image.state == "sorted":
+                assert image.cluster_id is not None
+                assert image.path.parent == self.config.library / self.folder_of(
+                    image.cluster_id)
+        sizes = {c.id: c.size for c in self.store.clusters(active_only=False)}
+        for cid, size in sizes.items():
+            assert size == sum(1 for im in self.store.iter_images()
+                               if im.cluster_id == cid and im.state == "sorted")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Path]:
+    """Where the folders and the store live: tmpfs when there is one.
+
+    A refit journals every move with several fsyncs; on this machine's disk that is about
+    1 s per refit of 36 images, on tmpfs nothing. Durability is test_store's and
+    test_mover's subject, not this file's.
+    """
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="segd-test-refit-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def lib(root: Path) -> Iterator[Library]:
+    library = Library(root)
+    yield library
+    library.close()
+
+
+@pytest.fixture
+def fitted(lib: Library) -> Library:
+    """Three blobs, filed by a first refit."""
+    for blob in ("a", "b", "c"):
+        lib.add_blob(blob)
+    report = lib.refit()
+    assert report.k == 3
+    return lib
+
+
+def disk_snapshot(config: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for root in (config.inbox, config.library, config.quarantine):
+        for path in sorted(root.rglob("*")):
+            st = path.lstat()
+            body = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+            out[str(path)] = (st.st_ino, st.st_mtime_ns, body)
+    return out
+
+
+def db_dump(db: Path) -> dict[str, list[tuple[Any, ...]]]:
+    conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall() for t in tables}
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- first fit
+
+
+def test_first_refit_creates_clusters_and_files_pending_images(lib: Library) -> None:
+    for blob in ("a", "b", "c"):
+        lib.add_blob(blob)
+    report = lib.refit()
+    assert (report.k, report.kept, report.retired, report.moved) == (3, 0, [], 0)
+    assert report.created == ["cluster-01", "cluster-02", "cluster-03"]
+    assert report.sorted_pending == 3 * PER_BLOB and report.n == 3 * PER_BLOB
+    assert lib.store.count_by_state() == {"pending": 0, "sorted": 3 * PER_BLOB,
+                                          "quarantined": 0}
+    lib.cluster_of_blob()  # each blob is exactly one cluster
+    lib.check_disk_agrees()
+    assert list(lib.config.inbox.iterdir()) == []
+    assert sorted(p.name for p in lib.config.library.iterdir()) == report.created
+    assert all(c.size == PER_BLOB for c in lib.store.clusters())
+    fit = lib.store.last_fit()
+    assert fit is not None and (fit.n, fit.k, fit.trigger) == (3 * PER_BLOB, 3, "test")
+    assert lib.store.pending_moves() == []
+
+
+def test_first_refit_with_the_default_projection(root: Path) -> None:
+    lib = Library(root, pca_dims=64)
+    try:
+        for blob in ("a", "b", "c", "d"):
+            lib.add_blob(blob)
+        assert lib.refit().k == 4
+        lib.cluster_of_blob()
+        lib.check_disk_agrees()
+    finally:
+        lib.close()
+
+
+def test_refit_with_too_few_embeddings_is_skipped(lib: Library) -> None:
+    lib.add_blob("a", count=1)
+    report = lib.refit()
+    assert report.skipped and report.k == 0
+    assert lib.store.clusters() == [] and lib.store.last_fit() is None
+
+
+# --------------------------------------------------------------------------- stability
+
+
+def test_second_refit_keeps_ids_and_folders_and_moves_nothing(fitted: Library) -> None:
+    before = fitted.state()
+    report = fitted.refit()
+    assert (report.k, report.kept, report.created, report.retired) == (3, 3, [], [])
+    assert report.moved == 0 and report.sorted_pending == 0
+    assert fitted.state() == before
+    assert len(fitted.store.pending_moves()) == 0
+
+
+def test_renamed_folder_keeps_its_cluster(fitted: Library) -> None:
+    library = fitted.config.library
+    cid = fitted.cluster_of_blob()["b"]
+    old = library / fitted.folder_of(cid)
+    for cluster in fitted.store.clusters():  # segd has seen the folders (as at start-up)
+        reconcile.resolve_cluster_folder(fitted.store, library, cluster.id)
+    os.rename(old, library / "Beach 2023")  # the user renames it
+    got = reconcile.resolve_cluster_folder(fitted.store, library, cid)
+    assert got == library / "Beach 2023"
+    assert fitted.folder_of(cid) == "Beach 2023"
+    members = [im for im in fitted.store.iter_images() if im.cluster_id == cid]
+    assert len(members) == PER_BLOB
+    assert all(im.path.parent == library / "Beach 2023" for im in members)
+    fitted.check_disk_agrees()
+
+    before = fitted.state()
+    report = fitted.refit()
+    assert (report.kept, report.created, report.moved) == (3, [], 0)
+    assert fitted.state() == before
+    assert not old.exists()  # the old name is not recreated
+
+
+def test_folder_renamed_right_after_the_first_fit_is_followed(fitted: Library) -> None:
+    # Nothing but the refit has touched the folders: it must have recorded their identity.
+    library = fitted.config.library
+    cid = fitted.cluster_of_blob()["a"]
+    os.rename(library / fitted.folder_of(cid), library / "Holidays")
+    assert reconcile.resolve_cluster_folder(fitted.store, library, cid) == library / "Holidays"
+    assert reconcile.reconcile(fitted.store, fitted.config) == ""  # nothing forgotten
+    assert fitted.store.count_by_state()["sorted"] == 3 * PER_BLOB
+    fitted.check_disk_agrees()
+
+
+def test_refit_follows_a_rename_it_was_not_told_about(fitted: Library) -> None:
+    library = fitted.config.library
+    cid = fitted.cluster_of_blob()["c"]
+    old_name = fitted.folder_of(cid)
+    os.rename(library / old_name, library / "Flowers")
+    ids = fitted.add_blob("c", count=3)  # newcomers of that cluster
+    report = fitted.refit()
+    assert (report.kept, report.created, report.moved) == (3, [], 0)
+    assert not (library / old_name).exists()
+    for image_id in ids:
+        image = fitted.store.get_image(image_id)
+        assert image is not None and image.path.parent == library / "Flowers"
+    fitted.check_disk_agrees()
+
+
+# --------------------------------------------------------------------------- growth, loss
+
+
+def test_new_blob_gets_a_new_cluster_and_the_old_ones_stay(fitted: Library) -> None:
+    before = fitted.state()
+    old_clusters = fitted.cluster_of_blob()
+    new_ids = fitted.add_blob("d")
+    report = fitted.refit()
+    assert (report.k, report.kept, report.retired, report.moved) == (4, 3, [], 0)
+    assert report.created == ["cluster-04"]
+    assert report.sorted_pending == PER_BLOB
+    clusters = fitted.cluster_of_blob()
+    assert {b: clusters[b] for b in old_clusters} == old_clusters
+    assert fitted.folder_of(clusters["d"]) == "cluster-04"
+    after = fitted.state()
+    for row in before["images"]:  # the old images did not move
+        assert row in after["images"] and after["inodes"][row[0]] == before["inodes"][row[0]]
+    for image_id in new_ids:
+        image = fitted.store.get_image(image_id)
+        assert image is not None and image.path.parent.name == "cluster-04"
+    fitted.check_disk_agrees()
+
+
+def test_vanished_blob_is_retired_not_renumbered(fitted: Library) -> None:
+    clusters = fitted.cluster_of_blob()
+    gone = next(b for b, cid in clusters.items() if fitted.folder_of(cid) == "cluster-02")
+    for image in list(fitted.store.iter_images()):
+        if fitted.blob_of[image.id] == gone:
+            image.path.unlink()
+            fitted.store.delete_image(image.id)
+    kept = {b: (cid, fitted.folder_of(cid)) for b, cid in clusters.items() if b != gone}
+
+    report = fitted.refit()
+    assert (report.k, report.kept, report.created, report.moved) == (2, 2, [], 0)
+    assert report.retired == ["cluster-02"]
+    retired = fitted.store.get_cluster(clusters[gone])
+    assert retired is not None and retired.retired_at is not None
+    assert {b: (cid, fitted.folder_of(cid)) for b, cid in fitted.cluster_of_blob().items()} \
+        == kept  # cluster-03 is still cluster-03
+    assert not (fitted.config.library / "cluster-02").exists()  # it was empty
+    fitted.check_disk_agrees()
+
+    fitted.add_blob("e")  # a new cluster never takes a retired id or name
+    report = fitted.refit()
+    assert report.created == ["cluster-04"]
+    new_cid = fitted.cluster_of_blob()["e"]
+    assert new_cid > max(clusters.values())
+
+
+# --------------------------------------------------------------------------- re-filing policy
+
+
+def drift(lib: Library, source: str, target: str, count: int) -> list[int]:
+    """Give `count` images of blob `source` embeddings of blob `target` (as a model change
+    or a refit with more data would): a refit now assigns them to target's cluster."""
+    moved = [im.id for im in lib.store.iter_images() if lib.blob_of[im.id] == source][:count]
+    for image_id in moved:
+        lib.store.update_image(image_id, embedding=lib.embedding(target))
+    return moved
+
+
+def test_on_refit_move_refiles_changed_images(fitted: Library) -> None:
+    clusters = fitted.cluster_of_blob()
+    changed = drift(fitted, "a", "b", 3)
+    report = fitted.refit()
+    assert report.moved == 3 and report.kept == 3
+    target = fitted.config.library / fitted.folder_of(clusters["b"])
+    for image_id in changed:
+        image = fitted.store.get_image(image_id)
+        assert image is not None and image.cluster_id == clusters["b"]
+        assert image.path.parent == target and image.path.is_file()
+    fitted.check_disk_agrees()
+
+
+def test_on_refit_keep_moves_nothing(root: Path) -> None:
+    lib = Library(root, on_refit="keep")
+    try:
+        for blob in ("a", "b", "c"):
+            lib.add_blob(blob)
+        assert lib.refit().sorted_pending == 3 * PER_BLOB  # pending images are still filed
+        drift(lib, "a", "b", 3)
+        as_move = dataclasses.replace(
+            lib.config, clustering=dataclasses.replace(lib.config.clustering, on_refit="move"))
+        assert lib.refit(dry_run=True, config=as_move).moved == 3  # there is something to move
+        before, disk = lib.state(), disk_snapshot(lib.config)
+        report = lib.refit()
+        assert report.moved == 0 and report.kept == 3
+        assert lib.state() == before
+        assert disk_snapshot(lib.config) == disk
+    finally:
+        lib.close()
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_first_fit_changes_nothing(lib: Library) -> None:
+    for blob in ("a", "b", "c"):
+        lib.add_blob(blob)
+    disk, db = disk_snapshot(lib.config), db_dump(lib.config.db_path)
+    report = lib.refit(dry_run=True)
+    assert report.dry_run and report.k == 3
+    assert report.created == ["(new cluster 1)", "(new cluster 2)", "(new cluster 3)"]
+    assert report.sorted_pending == 3 * PER_BLOB
+    assert "would move" in report.summary()
+    assert disk_snapshot(lib.config) == disk
+    assert db_dump(lib.config.db_path) == db
+
+
+def test_dry_run_after_changes_reports_and_changes_nothing(fitted: Library) -> None:
+    drift(fitted, "a", "c", 4)
+    fitted.add_blob("d")
+    disk, db = disk_snapshot(fitted.config), db_dump(fitted.config.db_path)
+    report = fitted.refit(dry_run=True)
+    assert (report.k, report.kept, report.moved, report.sorted_pending) == (4, 3, 4, PER_BLOB)
+    assert len(report.created) == 1 and report.created[0].startswith("(new cluster ")
+    assert disk_snapshot(fitted.config) == disk
+    assert db_dump(fitted.config.db_path) == db
