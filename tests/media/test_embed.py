@@ -5,13 +5,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 
 from segd.core.errors import ModelError, ProviderError
+from segd.media import embed
 from segd.media.embed import Embedder, default_model_path
+from segd.media.providers import CPU, CUDA, DID_NOT_LOAD
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +90,52 @@ def test_required_without_a_gpu_refuses(plain: Embedder) -> None:
     probe = Embedder(gpu="preferred", warmup=False)
     if probe.report.on_gpu:
         pytest.skip("this machine has a working GPU")
-    with pytest.raises(ProviderError, match="CUDA"):
+    with pytest.raises(ProviderError, match="CUDA") as info:
+        Embedder(gpu="required", warmup=False)
+    if CUDA not in onnxruntime.get_available_providers():
+        assert f"{onnxruntime.__version__} has no CUDA provider" in str(info.value)
+
+
+class AdvertisesCuda(ModuleType):
+    """The real onnxruntime, except that it lists CUDA as available, as a GPU build does on a
+    machine where CUDA cannot load: the session is asked for CUDA and comes up without it."""
+
+    def __init__(self) -> None:
+        super().__init__("onnxruntime")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(onnxruntime, name)
+
+    def get_available_providers(self) -> list[str]:
+        return [CUDA, *onnxruntime.get_available_providers()]
+
+
+@pytest.fixture
+def cuda_that_does_not_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    if CUDA in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider of its own")
+    monkeypatch.setattr(embed, "import_onnxruntime", AdvertisesCuda)
+
+
+@pytest.mark.usefixtures("cuda_that_does_not_load")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_cuda_listed_but_not_loading_falls_back_with_the_reason(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        emb = Embedder(gpu="preferred", warmup=False)
+    assert emb.report.requested == (CUDA, CPU)
+    assert emb.report.active == (CPU,)
+    assert emb.report.fallback_reason == DID_NOT_LOAD
+    assert "GPU NOT IN USE" in caplog.text and DID_NOT_LOAD in caplog.text
+
+
+@pytest.mark.usefixtures("cuda_that_does_not_load")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_required_and_cuda_not_loading_refuses_naming_the_error() -> None:
+    # CPU fallback is disabled, so onnxruntime refuses the session instead of running on the
+    # CPU; the error says so.
+    with pytest.raises(ProviderError, match=r"the GPU was required and the CUDA provider "
+                                            r"failed: .*fallback to CPU EP has been .*disabled"):
         Embedder(gpu="required", warmup=False)
 
 

@@ -1,9 +1,9 @@
 """The embedder: an onnxruntime session over the MobileNetV2 ONNX file.
 
 Preprocessing is read from the model's metadata (`segd.*` keys), so another network
-exported with the same keys plugs in through `model.path` alone. The provider policy is
-decided by what the session really runs on (`session.get_providers()`), never by the list
-of providers the build advertises, which names CUDA even when CUDA cannot load.
+exported with the same keys plugs in through `model.path` alone. The GPU policy's decisions
+live in `providers`; this module makes the session and judges it by what it really runs on
+(`session.get_providers()`), never by the providers the build advertises.
 """
 
 from __future__ import annotations
@@ -19,13 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from segd.config import ModelConfig
+from segd.config import GpuPolicy, ModelConfig
 from segd.core.errors import ModelError, ProviderError
+from segd.media.providers import (
+    ProviderReport,
+    allows_cpu_fallback,
+    choose_providers,
+    fallback_reason,
+    on_gpu,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "mobilenetv2_160.onnx"
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")
 INPUT_NAME = "input"
 
 
@@ -67,29 +73,17 @@ class ModelSpec:
         return spec
 
 
-@dataclass(frozen=True)
-class ProviderReport:
-    requested: tuple[str, ...]
-    active: tuple[str, ...]
-    gpu_policy: str
-    fallback_reason: str | None  # why the GPU was asked for and is not in use
-
-    @property
-    def on_gpu(self) -> bool:
-        return any(p in GPU_PROVIDERS for p in self.active)
-
-    @property
-    def summary(self) -> str:
-        device = "GPU" if self.on_gpu else "CPU"
-        text = f"{device} ({', '.join(self.active)})"
-        if self.fallback_reason:
-            text += f"; GPU not used: {self.fallback_reason}"
-        return text
-
-
 def default_model_path(precision: str = "fp32") -> Path:
     name = DEFAULT_MODEL if precision == "fp32" else DEFAULT_MODEL.replace(".onnx", "_fp16.onnx")
     return Path(str(importlib.resources.files("segd.models") / name))
+
+
+def model_file(path: Path | None, precision: str, *, gpu: bool) -> Path:
+    """The ONNX file to load: `model.path` when set, else the network shipped with segd.
+    fp16 pays off only on the GPU; the CPU runs the fp32 file whatever is asked."""
+    if path is not None:
+        return path
+    return default_model_path(precision if gpu else "fp32")
 
 
 def import_onnxruntime() -> ModuleType:
@@ -104,7 +98,7 @@ def import_onnxruntime() -> ModuleType:
 class Embedder:
     """Turns batches of uint8 RGB images (n, s, s, 3) into L2-normalised float32 embeddings."""
 
-    def __init__(self, model_path: Path | None = None, *, gpu: str = "preferred",
+    def __init__(self, model_path: Path | None = None, *, gpu: GpuPolicy = "preferred",
                  precision: str = "fp32", threads: int = 0, input_size: int | None = None,
                  io_binding: str = "auto", mirror: bool = False,
                  warmup: bool = True) -> None:
@@ -183,14 +177,8 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _create_session(ort: ModuleType, model_path: Path | None, *, gpu: str, precision: str,
-                    threads: int) -> tuple[ProviderReport, Any, ModelSpec]:
-    available = ort.get_available_providers()
-    want_gpu = gpu != "off"
-    cuda_built = "CUDAExecutionProvider" in available
-    requested = (["CUDAExecutionProvider"] if want_gpu and cuda_built else []) + \
-        ["CPUExecutionProvider"]
-
+def _session_options(ort: ModuleType, gpu: GpuPolicy, threads: int) -> Any:
+    """Every onnxruntime session setting segd makes, in one place."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Spinning worker threads steal the cores the decoders need, and stall whenever another
@@ -198,41 +186,41 @@ def _create_session(ort: ModuleType, model_path: Path | None, *, gpu: str, preci
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
-    if gpu == "required":
-        if not cuda_built:
-            raise ProviderError(_no_cuda_build_reason(ort))
+    if not allows_cpu_fallback(gpu):
         # Fail instead of silently running a node, or the whole model, on the CPU.
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        requested = ["CUDAExecutionProvider"]
+    return options
 
-    # fp16 pays off only on the GPU; the CPU runs the fp32 file whatever is asked.
-    path = model_path
-    if path is None:
-        path = default_model_path(precision if (want_gpu and cuda_built) else "fp32")
+
+def _create_session(ort: ModuleType, model_path: Path | None, *, gpu: GpuPolicy,
+                    precision: str, threads: int) -> tuple[ProviderReport, Any, ModelSpec]:
+    requested = choose_providers(ort.get_available_providers(), gpu)
+    build = _build_name(ort)
+    if gpu == "required" and not on_gpu(requested):
+        raise ProviderError(str(fallback_reason(gpu, requested, (), build=build)))
+    path = model_file(model_path, precision, gpu=on_gpu(requested))
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     data = path.read_bytes()
-    if want_gpu and cuda_built and hasattr(ort, "preload_dlls"):
+    if on_gpu(requested) and hasattr(ort, "preload_dlls"):
         try:  # loads CUDA and cuDNN from the nvidia-* wheels when they are installed
             ort.preload_dlls()
         except Exception as exc:  # pragma: no cover - depends on the GPU stack
             log.debug("onnxruntime.preload_dlls failed: %s", exc)
     try:
-        session = ort.InferenceSession(data, sess_options=options, providers=requested)
+        session = ort.InferenceSession(data, sess_options=_session_options(ort, gpu, threads),
+                                       providers=requested)
     except Exception as exc:
         if gpu == "required":
-            raise ProviderError(f"the GPU was required and the CUDA provider failed: {exc}") \
-                from exc
+            reason = fallback_reason(gpu, requested, (), exc, build=build)
+            raise ProviderError(f"the GPU was required and {reason}") from exc
         raise ModelError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
 
     meta = session.get_modelmeta().custom_metadata_map
     spec = ModelSpec.from_metadata(path, meta, hashlib.sha256(data).hexdigest())
     active = tuple(session.get_providers())
-    reason = None
-    if want_gpu and not any(p in GPU_PROVIDERS for p in active):
-        reason = (_no_cuda_build_reason(ort) if not cuda_built else
-                  "the CUDA provider did not load (missing CUDA/cuDNN libraries or no "
-                  "usable GPU); run 'segd doctor' for details")
+    reason = fallback_reason(gpu, requested, active, build=build)
+    if reason is not None:
         if gpu == "required":
             raise ProviderError(f"gpu: required, but the session runs on {', '.join(active)}: "
                                 f"{reason}")
@@ -246,10 +234,9 @@ def _create_session(ort: ModuleType, model_path: Path | None, *, gpu: str, preci
     return report, session, spec
 
 
-def _no_cuda_build_reason(ort: ModuleType) -> str:
-    build = "onnxruntime-gpu" if ort.get_device() == "GPU" else "onnxruntime (CPU build)"
-    return (f"the installed {build} {ort.__version__} has no CUDA provider; "
-            "install segd[gpu] in place of segd[cpu] on a machine with an NVIDIA GPU")
+def _build_name(ort: ModuleType) -> str:
+    package = "onnxruntime-gpu" if ort.get_device() == "GPU" else "onnxruntime (CPU build)"
+    return f"{package} {ort.__version__}"
 
 
 def cpu_count() -> int:
