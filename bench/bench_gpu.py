@@ -30,7 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segd.commands.sort import SortOptions, run_sort
+from segd.batch.sort import SortOptions, run_sort
 from segd.core.cluster import FitParams
 from segd.media.decode import DecodeOptions, decode_file
 from segd.media.embed import Embedder, cpu_count

@@ -84,7 +84,9 @@ class Config:
     quarantine: Path = Path("quarantine")
     state_dir: Path = Path("state")
     log_level: str = "INFO"
-    allow_root: bool = False
+    # Root: "warn" runs with a loud warning, false refuses, true runs quietly
+    # (segd.commands.options.check_root says why).
+    allow_root: bool | Literal["warn"] = "warn"
     model: ModelConfig = field(default_factory=ModelConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)

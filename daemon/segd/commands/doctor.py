@@ -7,6 +7,7 @@ load, the driver, and what the session really ran on.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import importlib.metadata
 import json
@@ -14,13 +15,13 @@ import os
 import shutil
 import subprocess
 import time
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from segd.config import Config
 from segd.core.errors import SegdError
-from segd.media.embed import Embedder, import_onnxruntime
+
+if TYPE_CHECKING:
+    from segd.media.embed import Embedder
 
 # The shared libraries the CUDA provider of onnxruntime-gpu 1.2x/1.3x needs (CUDA 12 or 13).
 CUDA_LIBRARIES = {
@@ -32,6 +33,16 @@ CUDA_LIBRARIES = {
     "cuDNN 9": ("libcudnn.so.9",),
     "NVIDIA driver": ("libcuda.so.1",),
 }
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("doctor", parents=[common], help="check onnxruntime, the GPU and the model")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    return doctor_command(config, as_json=args.json)
 
 
 def onnxruntime_distributions() -> list[str]:
@@ -84,6 +95,8 @@ def driver_version() -> str | None:
 
 
 def timed_run(embedder: Embedder, batch: int = 32, repeats: int = 5) -> dict[str, float]:
+    import numpy as np
+
     size = embedder.input_size
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     embedder.embed(images)  # warm-up
@@ -98,6 +111,8 @@ def timed_run(embedder: Embedder, batch: int = 32, repeats: int = 5) -> dict[str
 
 
 def collect(config: Config) -> dict[str, Any]:
+    from segd.media.embed import Embedder, import_onnxruntime
+
     report: dict[str, Any] = {}
     ort = import_onnxruntime()
     dists = onnxruntime_distributions()

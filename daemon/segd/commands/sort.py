@@ -1,183 +1,86 @@
-"""`segd sort SRC DEST`: the batch recipe. Embed every image, choose k, file each image.
-
-Streams: embeddings go to a temporary file as they are computed and the clustering reads
-them back in chunks, so memory stays flat however many images SRC holds.
-"""
+"""`segd sort SRC DEST`: sort a folder once, without a daemon, and report what was done."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import functools
-import heapq
-import logging
-import os
-import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from segd.core.cluster import FitParams, FitResult, chunked, fit_stream
-from segd.core.errors import ImageError, SegdError
-from segd.core.library import UNREADABLE_FOLDER, cluster_folder_name
-from segd.core.pipeline import embed_stream
-from segd.media.decode import DecodeOptions, decode_file
-from segd.media.embed import Embedder, cpu_count
-from segd.state import fsops
-from segd.views.progress import Progress
-
-log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.csv"
-SAMPLES_PER_FOLDER = 8
-READ_CHUNK_ROWS = 8192
+from segd.commands.options import parse_k
+from segd.config import Config
+from segd.core.errors import SegdError
 
 
-@dataclass(frozen=True)
-class SortOptions:
-    src: Path
-    dest: Path
-    move: bool = False
-    recursive: bool = False
-    fit: FitParams = field(default_factory=FitParams)
-    batch_size: int = 32
-    workers: int = 0
-    decode: DecodeOptions = field(default_factory=DecodeOptions)
-    progress: bool = True
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("sort", parents=[common], help="sort a folder of images into clusters",
+                       description="Embed every image in SRC, choose k by the silhouette, and "
+                                   "copy (or move) each image into DEST/cluster-NN/.")
+    p.add_argument("src", type=Path, metavar="SRC")
+    p.add_argument("dest", type=Path, metavar="DEST")
+    p.add_argument("--k", default=None, help="'auto' (silhouette) or a number of clusters")
+    p.add_argument("--k-min", type=int, default=None)
+    p.add_argument("--k-max", type=int, default=None)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--copy", dest="move", action="store_false", help="copy (the default)")
+    mode.add_argument("--move", dest="move", action="store_true", help="move instead of copy")
+    p.set_defaults(move=False)
+    p.add_argument("--recursive", "-r", action="store_true", help="include subfolders of SRC")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="write the silhouette curve (PNG)")
+    p.add_argument("--overview", type=Path, metavar="FILE",
+                   help="write a contact sheet of each cluster's most typical images (PNG/JPG)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
 
 
-@dataclass
-class SortResult:
-    fit: FitResult | None
-    folders: list[str]  # folder name for each cluster index
-    sizes: dict[str, int]
-    unreadable: list[tuple[Path, ImageError]]
-    placed: int
-    seconds: float
-    embed_seconds: float
-    samples: dict[str, list[Path]] = field(default_factory=dict)  # most typical per folder
+def run(args: argparse.Namespace, config: Config) -> int:
+    # The scientific stack loads here, not when the parser is built: `segd --help` and the
+    # small commands stay instant.
+    from segd.batch.sort import SortOptions, run_sort
+    from segd.core.cluster import FitParams
+    from segd.media.decode import DecodeOptions
+    from segd.media.embed import Embedder
+    from segd.views.report import check_plotting_available, fit_table, plot_silhouette
 
+    if args.plot:
+        check_plotting_available()
+    fit_params = FitParams.from_config(config.clustering)
+    fit_params = dataclasses.replace(
+        fit_params, k=parse_k(args.k, fit_params.k),
+        k_min=args.k_min if args.k_min is not None else fit_params.k_min,
+        k_max=args.k_max if args.k_max is not None else fit_params.k_max)
+    if fit_params.k_min < 2 or fit_params.k_max < fit_params.k_min:
+        raise SegdError("need 2 <= --k-min <= --k-max")
+    embedder = Embedder.from_config(config.model)
+    opts = SortOptions(
+        src=args.src, dest=args.dest, move=args.move, recursive=args.recursive,
+        fit=fit_params, batch_size=config.model.batch_size, workers=config.decode.workers,
+        decode=DecodeOptions(resize=config.model.resize, max_pixels=config.decode.max_pixels),
+        progress=not args.no_progress)
+    result = run_sort(opts, embedder)
 
-def list_images(src: Path, recursive: bool, exclude: Path | None = None) -> list[Path]:
-    """Every non-hidden entry under src that is not a folder, sorted for a repeatable run.
+    chosen = result.fit.k if result.fit else len(result.sizes)
+    print(fit_table(result.fit.scores if result.fit else {}, chosen, result.sizes))
+    total = result.placed + len(result.unreadable)
+    rate = total / result.embed_seconds if result.embed_seconds > 0 else 0.0
+    verb = "moved" if args.move else "copied"
+    print(f"\n{verb} {result.placed} images into {len(result.sizes)} folders in {args.dest} "
+          f"({result.seconds:.1f} s, {rate:.1f} images/s embedded on "
+          f"{embedder.report.summary})")
+    if result.unreadable:
+        print(f"{len(result.unreadable)} unreadable files set aside in "
+              f"{args.dest / '_unreadable'} (reasons in reasons.csv):")
+        for path, err in result.unreadable[:20]:
+            print(f"  {path}: {err.kind}: {err.reason}")
+        if len(result.unreadable) > 20:
+            print(f"  ... and {len(result.unreadable) - 20} more")
+    if args.plot and result.fit and result.fit.scores:
+        plot_silhouette(result.fit.scores, chosen, args.plot,
+                        title=f"silhouette for {args.src.name or args.src}")
+        print(f"silhouette plot written to {args.plot}")
+    if args.overview and result.samples:
+        from segd.views.overview import ClusterSample, write_overview
 
-    FIFOs, sockets and the like are listed too: decoding refuses them with a reason, so
-    they are reported as unreadable instead of silently skipped.
-    """
-    found: list[Path] = []
-    skip = exclude.resolve() if exclude else None
-    for root, dirs, files in os.walk(src):
-        here = Path(root)
-        dirs[:] = sorted(d for d in dirs if recursive and not d.startswith(".")
-                         and (here / d).resolve() != skip)
-        found.extend(here / name for name in sorted(files) if not name.startswith("."))
-    return found
-
-
-def run_sort(opts: SortOptions, embedder: Embedder) -> SortResult:
-    started = time.perf_counter()
-    if not opts.src.is_dir():
-        raise SegdError(f"source folder not found: {opts.src}")
-    if opts.dest.resolve() == opts.src.resolve():
-        raise SegdError("SRC and DEST must be different folders")
-    files = list_images(opts.src, opts.recursive, exclude=opts.dest)
-    opts.dest.mkdir(parents=True, exist_ok=True)
-    workers = opts.workers or cpu_count()
-    decode_opts = dataclasses.replace(opts.decode, size=embedder.input_size)
-
-    unreadable: list[tuple[Path, ImageError]] = []
-    readable: list[Path] = []
-    progress = Progress(len(files), "embedding", enabled=opts.progress)
-    with tempfile.TemporaryDirectory(prefix="segd-sort-") as tmp:
-        store = Path(tmp) / "embeddings.f32"
-        dim = embedder.spec.embedding_dim
-        with store.open("wb") as out:
-            for batch in embed_stream(files, lambda p: decode_file(p, decode_opts),
-                                      embedder.embed, batch_size=opts.batch_size,
-                                      workers=workers):
-                failed = 0
-                for result in batch:
-                    if result.error is not None:
-                        unreadable.append((result.item, result.error))
-                        failed += 1
-                    else:
-                        readable.append(result.item)
-                        out.write(np.asarray(result.embedding, dtype="<f4").tobytes())
-                progress.advance(len(batch), failed)
-        progress.close()
-        embed_seconds = time.perf_counter() - started
-
-        n = len(readable)
-        fit_result: FitResult | None = None
-        labels = np.zeros(n, dtype=np.int64)
-        distances = np.zeros(n, dtype=np.float32)
-        if n >= 2:
-            matrix = np.memmap(store, dtype="<f4", mode="r", shape=(n, dim))
-            fit_result = fit_stream(lambda: chunked(matrix, READ_CHUNK_ROWS), n, opts.fit)
-            labels, distances = fit_result.labels, fit_result.distances
-            del matrix
-
-    # Number the clusters by size, largest first, so cluster-01 is the biggest group.
-    k = fit_result.k if fit_result else (1 if n else 0)
-    counts = np.bincount(labels, minlength=k) if n else np.zeros(0, dtype=np.int64)
-    order = sorted(range(k), key=lambda c: (-counts[c], c))
-    folders = [""] * k
-    for rank, cluster in enumerate(order, start=1):
-        folders[cluster] = cluster_folder_name(rank)
-
-    samples: dict[str, list[tuple[float, int, Path]]] = {f: [] for f in folders}
-    placed = _place_all(opts, readable, labels, distances, folders, unreadable, samples)
-    sizes = {folders[c]: int(counts[c]) for c in order}
-    return SortResult(fit=fit_result, folders=folders, sizes=sizes, unreadable=unreadable,
-                      placed=placed, seconds=time.perf_counter() - started,
-                      embed_seconds=embed_seconds,
-                      samples={f: [p for _, _, p in sorted(samples[f], reverse=True)]
-                               for f in sizes})
-
-
-def _place_all(opts: SortOptions, readable: list[Path], labels: np.ndarray,
-               distances: np.ndarray, folders: list[str],
-               unreadable: list[tuple[Path, ImageError]],
-               samples: dict[str, list[tuple[float, int, Path]]]) -> int:
-    """File every image, set the unreadable ones aside, and write the manifest CSVs.
-    `samples` collects the few most typical placed files of each folder."""
-    # Copies leave the sources in place, so they are synced once at the end rather than
-    # file by file; moves are synced one by one, as the source disappears.
-    place = fsops.place_move if opts.move else functools.partial(fsops.place_copy, sync=False)
-    rows: list[list[object]] = []
-    placed = 0
-    for i, (path, label) in enumerate(zip(readable, labels, strict=True)):
-        try:
-            final = place(path, opts.dest / folders[label], path.name, tag=f"{os.getpid()}-{i}")
-        except OSError as exc:
-            # Readable a moment ago (it vanished, or DEST is full): report it, keep going.
-            unreadable.append((path, ImageError(path, f"could not be placed: {exc}")))
-            continue
-        placed += 1
-        rows.append([path, final, folders[label], f"{distances[i]:.4f}", ""])
-        keep = samples[folders[label]]
-        # Max-heap of the SAMPLES_PER_FOLDER smallest distances (negated for heapq).
-        heapq.heappush(keep, (-float(distances[i]), i, final))
-        if len(keep) > SAMPLES_PER_FOLDER:
-            heapq.heappop(keep)
-
-    if unreadable:
-        bad_folder = opts.dest / UNREADABLE_FOLDER
-        reasons: list[list[object]] = []
-        for j, (path, err) in enumerate(unreadable):
-            dest: Path | str = ""
-            if path.is_file():
-                try:
-                    dest = place(path, bad_folder, path.name, tag=f"{os.getpid()}-bad-{j}")
-                except OSError as exc:
-                    log.warning("%s: left in place, could not be set aside: %s", path, exc)
-            reasons.append([path, dest, err.kind, err.reason])
-            rows.append([path, dest, UNREADABLE_FOLDER, "", f"{err.kind}: {err.reason}"])
-        fsops.write_csv_new(bad_folder, "reasons.csv",
-                            ["source", "destination", "kind", "reason"], reasons)
-    fsops.write_csv_new(opts.dest, MANIFEST,
-                        ["source", "destination", "cluster", "distance", "error"], rows)
-    if not opts.move:
-        os.sync()
-    return placed
+        write_overview([ClusterSample(f, result.sizes[f], result.samples[f])
+                        for f in result.sizes], args.overview)
+        print(f"overview written to {args.overview}")
+    return 0

@@ -1,8 +1,8 @@
-"""`segd refit` and `segd status`: ask the running daemon, or do the work directly."""
+"""`segd status`: the daemon, the store's counts, the clusters and the last fit."""
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import heapq
 import json
 import logging
@@ -11,46 +11,23 @@ from pathlib import Path
 from typing import Any
 
 from segd.config import Config
-from segd.core.cluster import FitParams
 from segd.service import control
-from segd.service.privileges import refuse_root
-from segd.state.lock import acquire_state_lock, read_lock_holder
-from segd.state.refit import run_refit
+from segd.state.lock import read_lock_holder
 from segd.state.store import open_store
-from segd.views.overview import ClusterSample, write_overview
 
 log = logging.getLogger(__name__)
 
 
-def refit_command(config: Config, *, k: int | str, dry_run: bool, allow_root: bool) -> int:
-    k_arg = k if isinstance(k, int) else None
-    try:
-        answer = control.request(config.socket_path,
-                                 {"cmd": "refit", "k": k_arg, "dry_run": dry_run})
-    except control.DaemonNotRunning:
-        answer = None
-    if answer is not None:
-        if not answer.get("ok"):
-            print(f"segd: the daemon refused the refit: {answer.get('error')}")
-            return 1
-        print(f"(asked the running daemon) {answer['summary']}")
-        return 0
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("status", parents=[common], help="show the daemon and the clusters")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--overview", type=Path, metavar="FILE",
+                   help="also write a contact sheet of the clusters (PNG/JPG)")
+    p.set_defaults(handler=run)
 
-    refuse_root(allow_root, "refit the store")
-    if not config.db_path.exists():
-        print(f"segd: nothing to refit: no store at {config.db_path}")
-        return 1
-    with acquire_state_lock(config.lock_path, "refit"):
-        store = open_store(config.db_path)
-        try:
-            params = FitParams.from_config(config.clustering)
-            if isinstance(k, int):
-                params = dataclasses.replace(params, k=k)
-            report = run_refit(store, config, params, "segd refit", dry_run=dry_run)
-        finally:
-            store.close()
-    print(report.summary())
-    return 0
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    return status_command(config, as_json=args.json, overview=args.overview)
 
 
 def collect_status(config: Config) -> dict[str, Any]:
@@ -131,6 +108,8 @@ def status_command(config: Config, *, as_json: bool, overview: Path | None = Non
 
 def write_library_overview(config: Config, out: Path, per_cluster: int = 8) -> None:
     """Contact sheet of the library: each cluster's images closest to its centroid."""
+    from segd.views.overview import ClusterSample, write_overview  # OpenCV: only when asked
+
     store = open_store(config.db_path, readonly=True)
     try:
         with store.snapshot():

@@ -1,0 +1,1 @@
+"""One-shot jobs over a folder: list, embed, cluster and place every image once."""
