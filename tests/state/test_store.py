@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from segd.core.errors import StoreError
+from segd.state import schema
 from segd.state import store as st
 from segd.state.store import Store, open_store
 
@@ -337,7 +338,7 @@ def _make_v1(db: Path) -> None:
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("BEGIN")
-    st.MIGRATIONS[0](conn)
+    schema.MIGRATIONS[0](conn)
     conn.execute("PRAGMA user_version = 1")
     conn.execute("COMMIT")
     e = np.asarray(vec(1), "<f4").tobytes()
@@ -376,7 +377,7 @@ def test_migrates_a_v1_database(db: Path) -> None:
         store.finish_move(mid, {"path": "/lib/new/a.jpg"})
         assert store.integrity_check() == "ok"
     raw = sqlite3.connect(db)
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == st.SCHEMA_VERSION == 2
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 2
     assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
     raw.close()
     assert _mode(db) == 0o600

@@ -1,0 +1,252 @@
+"""The images table: one row per photo segd knows of, with its embedding and where it is."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from segd.core.errors import StoreError
+from segd.state.db import EMB_DTYPE, Database, abs_path, text_from_db, text_to_db
+from segd.state.schema import IMAGE_STATES
+
+_PAGE_ROWS: Final = 1024  # rows per query when iterating image rows
+_IMAGE_COLS: Final = (
+    "id, sha256, original_name, path, state, cluster_id, distance, embedding, reason, "
+    "added_at, updated_at"
+)
+_IMAGE_UPDATABLE: Final = frozenset(
+    {"sha256", "path", "state", "cluster_id", "distance", "embedding", "reason"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRow:
+    id: int
+    sha256: str
+    original_name: str
+    path: Path
+    state: str
+    cluster_id: int | None
+    distance: float | None
+    # compare=False: ndarray equality is elementwise and would break the generated __eq__.
+    embedding: np.ndarray | None = field(compare=False, repr=False)
+    reason: str | None
+    added_at: float
+    updated_at: float
+
+
+class ImageTable(Database):
+    """Reading and writing image rows."""
+
+    def add_image(
+        self,
+        sha256: str,
+        original_name: str,
+        path: Path | str,
+        state: str,
+        *,
+        embedding: np.ndarray | None = None,
+        cluster_id: int | None = None,
+        distance: float | None = None,
+        reason: str | None = None,
+    ) -> int:
+        what = f"add image {path}"
+        _check_state(state, what)
+        blob = None if embedding is None else self._to_blob(embedding, what)
+        now = time.time()
+        with self._write(what) as conn:
+            cur = conn.execute(
+                "INSERT INTO images(sha256, original_name, path, state, cluster_id, distance, "
+                "embedding, reason, added_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    sha256,
+                    text_to_db(original_name),
+                    abs_path(path, what),
+                    state,
+                    cluster_id,
+                    distance,
+                    blob,
+                    reason,
+                    now,
+                    now,
+                ),
+            )
+            return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def get_image(self, image_id: int) -> ImageRow | None:
+        with self._guard(f"read image {image_id}") as conn:
+            row = conn.execute(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (image_id,)
+            ).fetchone()
+        return None if row is None else self._image(row)
+
+    def find_by_sha256(self, sha256: str) -> list[ImageRow]:
+        with self._guard("find image by sha256") as conn:
+            rows = conn.execute(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE sha256 = ? ORDER BY id", (sha256,)
+            ).fetchall()
+        return [self._image(r) for r in rows]
+
+    def find_by_path(self, path: Path | str) -> ImageRow | None:
+        what = f"find image by path {path}"
+        with self._guard(what) as conn:
+            row = conn.execute(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE path = ?", (abs_path(path, what),)
+            ).fetchone()
+        return None if row is None else self._image(row)
+
+    def update_image(self, image_id: int, **fields: Any) -> None:
+        """Change some of path, state, cluster_id, distance, embedding, reason.
+
+        Raises TypeError for any other field name (a programming error) and StoreError if the
+        image does not exist or a value is invalid. ``updated_at`` is set automatically.
+        """
+        with self._write(f"update image {image_id}") as conn:
+            self._update_image(conn, image_id, fields)
+
+    def _update_image(
+        self, conn: sqlite3.Connection, image_id: int, fields: dict[str, Any]
+    ) -> None:
+        what = f"update image {image_id}"
+        unknown = set(fields) - _IMAGE_UPDATABLE
+        if unknown:
+            raise TypeError(f"update_image: unknown field(s) {sorted(unknown)}")
+        values = dict(fields)
+        if "state" in values:
+            _check_state(values["state"], what)
+        if "path" in values:
+            values["path"] = abs_path(values["path"], what)
+        if values.get("embedding") is not None:
+            values["embedding"] = self._to_blob(values["embedding"], what)
+        values["updated_at"] = time.time()
+        sets = ", ".join(f"{k} = ?" for k in values)
+        cur = conn.execute(f"UPDATE images SET {sets} WHERE id = ?", (*values.values(), image_id))
+        if cur.rowcount != 1:
+            raise StoreError(f"{what}: no such image")
+
+    def delete_image(self, image_id: int) -> None:
+        """Forget an image (its file left the library). Missing ids are ignored."""
+        with self._write(f"delete image {image_id}") as conn:
+            conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+
+    def iter_images(self, state: str | None = None) -> Iterator[ImageRow]:
+        """All images (optionally of one state) in id order, fetched a page at a time.
+
+        Pages are separate queries (keyset on id), so no read transaction stays open while the
+        caller works; wrap the loop in snapshot() if it must see one consistent state.
+        """
+        if state is not None:
+            _check_state(state, "iter_images")
+        last = 0
+        while True:
+            with self._guard("iterate images") as conn:
+                if state is None:
+                    rows = conn.execute(
+                        f"SELECT {_IMAGE_COLS} FROM images WHERE id > ? ORDER BY id LIMIT ?",
+                        (last, _PAGE_ROWS),
+                    ).fetchall()
+                else:
+                    rows = conn.execute(
+                        f"SELECT {_IMAGE_COLS} FROM images WHERE state = ? AND id > ? "
+                        "ORDER BY id LIMIT ?",
+                        (state, last, _PAGE_ROWS),
+                    ).fetchall()
+                page = [self._image(r) for r in rows]
+            yield from page
+            if len(rows) < _PAGE_ROWS:
+                return
+            last = page[-1].id
+
+    def count_by_state(self) -> dict[str, int]:
+        """Image count per state; every state is present, zero when empty."""
+        with self._guard("count images") as conn:
+            rows = conn.execute("SELECT state, COUNT(*) FROM images GROUP BY state").fetchall()
+        counts = dict.fromkeys(IMAGE_STATES, 0)
+        counts.update({s: int(n) for s, n in rows})
+        return counts
+
+    def iter_embedding_chunks(
+        self, chunk_rows: int = 8192, state: str | None = "sorted"
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids int64 (m,), embeddings float32 (m, dim)) with m <= chunk_rows.
+
+        Images without an embedding are skipped. Memory is bounded by one chunk: each chunk is
+        its own keyset query, so nothing larger is ever materialised (1M x 1280 floats would be
+        5 GB). Arrays are fresh and writable. As with iter_images, use snapshot() for a
+        consistent view across chunks.
+        """
+        if chunk_rows < 1:
+            raise ValueError("chunk_rows must be >= 1")
+        if state is not None:
+            _check_state(state, "iter_embedding_chunks")
+        dim = self._dim
+        last = 0
+        while True:
+            with self._guard("read embeddings") as conn:
+                if state is None:
+                    rows = conn.execute(
+                        "SELECT id, embedding FROM images WHERE embedding IS NOT NULL "
+                        "AND id > ? ORDER BY id LIMIT ?",
+                        (last, chunk_rows),
+                    ).fetchall()
+                else:
+                    rows = conn.execute(
+                        "SELECT id, embedding FROM images WHERE state = ? AND id > ? "
+                        "AND embedding IS NOT NULL ORDER BY id LIMIT ?",
+                        (state, last, chunk_rows),
+                    ).fetchall()
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            # One copy: each blob goes straight into its row of the output buffer.
+            out = np.empty((len(rows), dim), dtype=EMB_DTYPE)
+            flat = out.reshape(-1).view(np.uint8)
+            width = 4 * dim
+            for i, (image_id, blob) in enumerate(rows):
+                if len(blob) != width:
+                    self._from_blob(blob, f"image {image_id}")  # raises, naming the row
+                flat[i * width : (i + 1) * width] = np.frombuffer(blob, dtype=np.uint8)
+            full = len(rows) == chunk_rows
+            del rows  # drop the raw blobs before the caller holds the chunk: halves the peak
+            yield ids, out.astype(np.float32, copy=False)
+            if not full:
+                return
+            last = int(ids[-1])
+
+    def load_embeddings(self, state: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """All embeddings at once, for small libraries and tests: (ids int64, (n, dim) f32)."""
+        ids: list[np.ndarray] = []
+        embs: list[np.ndarray] = []
+        with self.snapshot():
+            for i, e in self.iter_embedding_chunks(state=state):
+                ids.append(i)
+                embs.append(e)
+        if not ids:
+            return np.empty(0, np.int64), np.empty((0, self._dim), np.float32)
+        return np.concatenate(ids), np.concatenate(embs)
+
+    def _image(self, r: tuple[Any, ...]) -> ImageRow:
+        return ImageRow(
+            id=r[0],
+            sha256=r[1],
+            original_name=text_from_db(r[2]),
+            path=Path(text_from_db(r[3])),
+            state=r[4],
+            cluster_id=r[5],
+            distance=r[6],
+            embedding=self._from_blob(r[7], f"image {r[0]}"),
+            reason=r[8],
+            added_at=r[9],
+            updated_at=r[10],
+        )
+
+
+def _check_state(state: str, what: str) -> None:
+    if state not in IMAGE_STATES:
+        raise StoreError(f"{what}: invalid state {state!r}, expected one of {IMAGE_STATES}")
