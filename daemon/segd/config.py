@@ -29,7 +29,9 @@ IoBinding = Literal["auto", "on", "off"]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: Path | None = None  # None: the MobileNetV2 shipped with segd
+    # A network shipped with segd, by name (segd.media.embed.PACKAGED_MODELS); `path` overrides.
+    name: Literal["mobilenetv2", "efficientnet-lite0"] = "mobilenetv2"
+    path: Path | None = None  # None: the network `name` shipped with segd
     gpu: GpuPolicy = "preferred"
     precision: Precision = "fp32"  # fp16 only takes effect on the GPU
     batch_size: int = 32

@@ -31,7 +31,9 @@ from segd.media.providers import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "mobilenetv2_160.onnx"
+# model.name -> the stem of the file shipped in segd.models (its fp16 twin adds "_fp16").
+PACKAGED_MODELS = {"mobilenetv2": "mobilenetv2_160", "efficientnet-lite0": "efficientnet_lite0_224"}
+DEFAULT_MODEL = "mobilenetv2"
 INPUT_NAME = "input"
 
 
@@ -73,17 +75,21 @@ class ModelSpec:
         return spec
 
 
-def default_model_path(precision: str = "fp32") -> Path:
-    name = DEFAULT_MODEL if precision == "fp32" else DEFAULT_MODEL.replace(".onnx", "_fp16.onnx")
-    return Path(str(importlib.resources.files("segd.models") / name))
+def default_model_path(precision: str = "fp32", name: str = DEFAULT_MODEL) -> Path:
+    if name not in PACKAGED_MODELS:
+        raise ModelError(f"no model named {name!r} ships with segd "
+                         f"(known: {', '.join(PACKAGED_MODELS)}); use model.path for others")
+    stem = PACKAGED_MODELS[name] + ("" if precision == "fp32" else "_fp16")
+    return Path(str(importlib.resources.files("segd.models") / f"{stem}.onnx"))
 
 
-def model_file(path: Path | None, precision: str, *, gpu: bool) -> Path:
-    """The ONNX file to load: `model.path` when set, else the network shipped with segd.
+def model_file(path: Path | None, precision: str, *, gpu: bool,
+               name: str = DEFAULT_MODEL) -> Path:
+    """The ONNX file to load: `model.path` when set, else the shipped network `model.name`.
     fp16 pays off only on the GPU; the CPU runs the fp32 file whatever is asked."""
     if path is not None:
         return path
-    return default_model_path(precision if gpu else "fp32")
+    return default_model_path(precision if gpu else "fp32", name)
 
 
 def import_onnxruntime() -> ModuleType:
@@ -101,11 +107,11 @@ class Embedder:
     def __init__(self, model_path: Path | None = None, *, gpu: GpuPolicy = "preferred",
                  precision: str = "fp32", threads: int = 0, input_size: int | None = None,
                  io_binding: str = "auto", mirror: bool = False,
-                 warmup: bool = True) -> None:
+                 warmup: bool = True, model_name: str = DEFAULT_MODEL) -> None:
         ort = import_onnxruntime()
         self._ort = ort
         self.report, self.session, self.spec = _create_session(
-            ort, model_path, gpu=gpu, precision=precision, threads=threads)
+            ort, model_path, gpu=gpu, precision=precision, threads=threads, name=model_name)
         # IO binding: the input goes into a device buffer reused across batches and the
         # output is fetched once, instead of ORT allocating and copying both on every run.
         self.io_binding = io_binding == "on" or (io_binding == "auto" and self.report.on_gpu)
@@ -127,7 +133,7 @@ class Embedder:
     def from_config(cls, m: ModelConfig, *, warmup: bool = True) -> Embedder:
         return cls(m.path, gpu=m.gpu, precision=m.precision, threads=m.threads,
                    input_size=m.input_size, io_binding=m.io_binding, mirror=m.mirror,
-                   warmup=warmup)
+                   warmup=warmup, model_name=m.name)
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         x = images.astype(np.float32) * self._scale + self._offset
@@ -193,12 +199,13 @@ def _session_options(ort: ModuleType, gpu: GpuPolicy, threads: int) -> Any:
 
 
 def _create_session(ort: ModuleType, model_path: Path | None, *, gpu: GpuPolicy,
-                    precision: str, threads: int) -> tuple[ProviderReport, Any, ModelSpec]:
+                    precision: str, threads: int,
+                    name: str = DEFAULT_MODEL) -> tuple[ProviderReport, Any, ModelSpec]:
     requested = choose_providers(ort.get_available_providers(), gpu)
     build = _build_name(ort)
     if gpu == "required" and not on_gpu(requested):
         raise ProviderError(str(fallback_reason(gpu, requested, (), build=build)))
-    path = model_file(model_path, precision, gpu=on_gpu(requested))
+    path = model_file(model_path, precision, gpu=on_gpu(requested), name=name)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     data = path.read_bytes()
