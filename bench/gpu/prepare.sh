@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run here (not on the GPU machine): fetch the GPU build of onnxruntime and watchdog for the
-# device's Python 3.12, and cut them into pieces small enough to travel one per device call.
+# target node's Python 3.12, and cut them into pieces for a size-limited transfer.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rm -rf .whl && mkdir -p .whl/full
@@ -24,4 +24,4 @@ echo "wheel name: $(basename .whl/full/onnxruntime_gpu-*.whl)" > "$last/NAME"
 basename .whl/full/onnxruntime_gpu-*.whl >> "$last/NAME"
 rm -rf .whl/full
 ls -la .whl/*
-echo "now one device call per folder, in order (see docs/gpu.md)"
+echo "now transfer one folder at a time, in order (see docs/gpu.md)"
