@@ -12,14 +12,16 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from segd.core.filing import Filing
 from segd.state import fsops, mover
 from segd.state.mover import MovePlan, journaled_move, recover_moves
-from segd.state.store import MoveRow, Store, open_store
+from segd.state.store import ImageRow, MoveRow, Store, open_store
 
 SHM = Path("/dev/shm")
 
@@ -51,19 +53,15 @@ def new_image(store: Store, path: Path, data: bytes, state: str = "pending") -> 
 
 
 def plan(image_id: int, src: Path, folder: Path, name: str | None = None) -> MovePlan:
-    return MovePlan(image_id, src, folder, name or src.name,
-                    {"state": "sorted", "distance": 0.25})
+    return MovePlan(image_id, src, folder, name or src.name, Filing("sorted", distance=0.25))
 
 
 def no_temp_files(folder: Path) -> bool:
     return not any(p.name.startswith(fsops.TMP_PREFIX) for p in folder.iterdir())
 
 
-SORTED: dict[str, Any] = {"state": "sorted"}
-
-
 def recover(store: Store) -> int:
-    return recover_moves(store, lambda move: SORTED)
+    return recover_moves(store, lambda move, image: replace(image.filing, state="sorted"))
 
 
 # --------------------------------------------------------------------------- journaled_move
@@ -327,14 +325,22 @@ def test_recover_row_whose_image_was_forgotten(store: Store, crash: dict[str, An
     assert crash["dst"].exists()
 
 
-def test_recover_passes_the_move_to_updates_for(store: Store, crash: dict[str, Any]) -> None:
+def test_recover_passes_the_move_and_image_to_filing_for(store: Store,
+                                                         crash: dict[str, Any]) -> None:
     move = journal(store, crash)
     os.rename(crash["src"], crash["dst"])
-    seen: list[MoveRow] = []
-    recover_moves(store, lambda m: seen.append(m) or {"state": "sorted", "distance": 0.5})
-    assert seen == [move]
+    before = store.get_image(crash["id"])
+    seen: list[tuple[MoveRow, ImageRow]] = []
+
+    def filing_for(m: MoveRow, image: ImageRow) -> Filing:
+        seen.append((m, image))
+        return Filing("sorted", distance=0.5)
+
+    recover_moves(store, filing_for)
+    assert seen == [(move, before)]
     image = store.get_image(crash["id"])
-    assert image is not None and image.distance == 0.5
+    assert image is not None and (image.path, image.filing) == (
+        crash["dst"], Filing("sorted", distance=0.5))
 
 
 # --------------------------------------------------------------------------- SIGKILL
@@ -344,7 +350,7 @@ _MOVER = """
 import random, sys
 from pathlib import Path
 from segd.state.mover import MovePlan, journaled_move
-from segd.state.store import open_store
+from segd.state.store import Filing, open_store
 
 db, seed, *folders = sys.argv[1:]
 folders = [Path(f) for f in folders]
@@ -356,7 +362,7 @@ while True:
     image = store.get_image(rng.choice(images).id)
     target = rng.choice([f for f in folders if f != image.path.parent])
     journaled_move(store, MovePlan(image.id, image.path, target, image.original_name,
-                                   {"state": "sorted"}))
+                                   Filing("sorted")))
     store.set_meta("moves", str(int(store.get_meta("moves", "0")) + 1))
 """
 

@@ -23,9 +23,10 @@ from threadpoolctl import threadpool_limits
 
 from segd.config import ClusteringConfig, Config, check_folders_writable, validate
 from segd.core.cluster import FitParams
+from segd.core.filing import Filing
 from segd.state import reconcile
 from segd.state.refit import RefitReport, run_refit
-from segd.state.store import open_store
+from segd.state.store import MoveRow, open_store
 
 DIM = 1280
 PER_BLOB = 12
@@ -265,6 +266,44 @@ def test_folder_renamed_right_after_the_first_fit_is_followed(fitted: Library) -
     fitted.check_disk_agrees()
 
 
+def test_reconcile_follows_a_users_move_and_forgets_a_deleted_file(fitted: Library) -> None:
+    clusters = fitted.cluster_of_blob()
+    a_images = [im for im in fitted.store.iter_images() if im.cluster_id == clusters["a"]]
+    moved, deleted = a_images[0], a_images[1]
+    target = fitted.config.library / fitted.folder_of(clusters["b"])
+    os.rename(moved.path, target / moved.path.name)  # the user files it under b
+    deleted.path.unlink()
+    assert reconcile.reconcile(fitted.store, fitted.config) == (
+        "1 file(s) moved between clusters by a user followed; "
+        "1 file(s) no longer on disk forgotten")
+    after = fitted.store.get_image(moved.id)
+    assert after is not None and after.path == target / moved.path.name
+    # Only the cluster changes; the rest of its filing (distance...) stays as it was.
+    assert after.filing == dataclasses.replace(moved.filing, cluster_id=clusters["b"])
+    assert (after.sha256, after.original_name) == (moved.sha256, moved.original_name)
+    assert fitted.store.get_image(deleted.id) is None
+    sizes = {c.id: c.size for c in fitted.store.clusters()}
+    assert (sizes[clusters["a"]], sizes[clusters["b"]]) == (PER_BLOB - 2, PER_BLOB + 1)
+
+
+def test_filing_after_move_follows_where_dst_lies(fitted: Library) -> None:
+    config, store = fitted.config, fitted.store
+    cid = fitted.cluster_of_blob()["c"]
+    image = next(im for im in store.iter_images() if im.cluster_id != cid)
+    image = dataclasses.replace(image, reason="kept")  # a reason dst cannot tell
+
+    def after(dst: Path) -> Filing:
+        move = MoveRow(1, image.id, image.path, dst, None, "planned", 0.0)
+        return reconcile.filing_after_move(store, config, move, image)
+
+    folder = config.library / fitted.folder_of(cid)
+    assert after(folder / "x.jpg") == dataclasses.replace(image.filing, cluster_id=cid)
+    assert after(config.quarantine / "x.jpg") == Filing(
+        "quarantined", image.cluster_id, image.distance, "kept")
+    assert after(config.library / "not-a-cluster" / "x.jpg") == image.filing
+    assert after(config.inbox / "x.jpg") == image.filing
+
+
 def test_refit_follows_a_rename_it_was_not_told_about(fitted: Library) -> None:
     library = fitted.config.library
     cid = fitted.cluster_of_blob()["c"]
@@ -335,10 +374,10 @@ def test_vanished_blob_is_retired_not_renumbered(fitted: Library) -> None:
 def drift(lib: Library, source: str, target: str, count: int) -> list[int]:
     """Give `count` images of blob `source` embeddings of blob `target` (as a model change
     or a refit with more data would): a refit now assigns them to target's cluster."""
-    moved = [im.id for im in lib.store.iter_images() if lib.blob_of[im.id] == source][:count]
-    for image_id in moved:
-        lib.store.update_image(image_id, embedding=lib.embedding(target))
-    return moved
+    moved = [im for im in lib.store.iter_images() if lib.blob_of[im.id] == source][:count]
+    for image in moved:
+        lib.store.record_content(image.id, image.sha256, lib.embedding(target))
+    return [image.id for image in moved]
 
 
 def test_on_refit_move_refiles_changed_images(fitted: Library) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from segd.core.errors import StoreError
+from segd.core.filing import Filing
 from segd.state import schema
 from segd.state import store as st
 from segd.state.store import Store, open_store
@@ -72,12 +73,23 @@ def test_image_round_trip(s: Store) -> None:
     assert [r.id for r in s.iter_images()] == [iid, q]
     assert [r.id for r in s.iter_images("quarantined")] == [q]
 
-    s.update_image(q, state="pending", reason=None, path="/inbox/y.jpg", embedding=e)
+    assert row.filing == Filing.sorted_into(cid, 0.25)
+    assert qrow.filing == Filing("quarantined", reason="truncated")
+
+    s.file_image(q, "/inbox/y.jpg", Filing.pending())  # every field written: reason cleared
+    s.record_content(q, "c" * 64, e)
     qrow2 = s.get_image(q)
     assert qrow2 is not None
     assert (qrow2.state, qrow2.reason, qrow2.path) == ("pending", None, Path("/inbox/y.jpg"))
+    assert qrow2.sha256 == "c" * 64 and qrow2.original_name == "x.jpg"
     assert qrow2.embedding is not None and np.array_equal(qrow2.embedding, e)
     assert qrow2.updated_at >= qrow.updated_at
+    s.file_image(q, "/lib/beach/y.jpg", Filing.sorted_into(cid, 0.5))
+    qrow3 = s.get_image(q)
+    assert qrow3 is not None and qrow3.path == Path("/lib/beach/y.jpg")
+    assert qrow3.filing == Filing("sorted", cid, 0.5)
+    assert qrow3.sha256 == "c" * 64  # content untouched by filing
+    assert qrow3.embedding is not None and np.array_equal(qrow3.embedding, e)
 
     s.delete_image(q)
     assert s.get_image(q) is None
@@ -96,10 +108,23 @@ def test_image_validation(s: Store) -> None:
     with pytest.raises(StoreError, match="constraint"):
         s.add_image("b", "b.jpg", "/x/b.jpg", "sorted", cluster_id=42)  # foreign key
     with pytest.raises(StoreError, match="no such image"):
-        s.update_image(77, state="sorted")
-    with pytest.raises(TypeError, match="added_at"):
-        s.update_image(1, added_at=0.0)
-    assert s.count_by_state()["pending"] == 1
+        s.file_image(77, "/x/z.jpg", Filing.pending())
+    with pytest.raises(StoreError, match="no such image"):
+        s.record_content(77, "z", vec(1))
+    s.add_image("c", "c.jpg", "/x/c.jpg", "pending")
+    with pytest.raises(StoreError, match="constraint"):
+        s.file_image(1, "/x/c.jpg", Filing.pending())  # path is unique
+    with pytest.raises(StoreError, match="constraint"):
+        s.file_image(1, "/x/d.jpg", Filing.sorted_into(42, 0.1))  # foreign key
+    with pytest.raises(StoreError, match="not absolute"):
+        s.file_image(1, "rel/d.jpg", Filing.pending())
+    with pytest.raises(StoreError, match="shape"):
+        s.record_content(1, "z", np.zeros(DIM - 1))
+    with pytest.raises(ValueError, match="invalid state"):
+        Filing("lost")
+    assert s.count_by_state()["pending"] == 2
+    a = s.get_image(1)
+    assert a is not None and (a.path, a.sha256, a.embedding) == (Path("/x/a.jpg"), "a", None)
 
 
 def test_corrupt_embedding_names_the_row(s: Store, db: Path) -> None:
@@ -225,33 +250,51 @@ def test_move_journal(s: Store) -> None:
     assert s.pending_moves()[0].state == "copied"
 
     # A failing image update leaves both the journal row and the image untouched.
-    with pytest.raises(StoreError, match="invalid state"):
-        s.finish_move(mid, {"path": "/lib/c/a.jpg", "state": "bogus"})
     with pytest.raises(StoreError, match="constraint"):
-        s.finish_move(mid, {"path": "/lib/c/a.jpg", "cluster_id": 999})
+        s.finish_move(mid, Filing.sorted_into(999, 0.1))  # no such cluster
+    holder = s.add_image("h", "a.jpg", "/lib/c/a.jpg", "sorted", cluster_id=cid)
+    with pytest.raises(StoreError, match="constraint"):
+        s.finish_move(mid, Filing.sorted_into(cid, 0.1))  # dst held by another row
+    s.delete_image(holder)
     assert len(s.pending_moves()) == 1
     row = s.get_image(iid)
-    assert row is not None and row.path == Path("/inbox/a.jpg")
+    assert row is not None and row.path == Path("/inbox/a.jpg") and row.state == "pending"
 
-    s.finish_move(mid, {"path": "/lib/c/a.jpg", "state": "sorted", "cluster_id": cid})
+    s.finish_move(mid, Filing.sorted_into(cid, 0.3))  # the path comes from the journal
     assert s.pending_moves() == []
     row = s.get_image(iid)
-    assert row is not None and (row.path, row.state, row.cluster_id) == (
-        Path("/lib/c/a.jpg"), "sorted", cid,
+    assert row is not None and (row.path, row.state, row.cluster_id, row.distance) == (
+        Path("/lib/c/a.jpg"), "sorted", cid, 0.3,
     )  # fmt: skip
 
     with pytest.raises(StoreError, match="no such move"):
-        s.finish_move(mid, {})
+        s.finish_move(mid)
+    with pytest.raises(StoreError, match="no such move"):
+        s.finish_move(mid, Filing.pending())
     with pytest.raises(StoreError, match="no such move"):
         s.mark_move_copied(mid)
     # A move without an image (e.g. a file quarantined before it was recorded) just closes.
     orphan = s.begin_move(None, "/inbox/b.jpg", "/q/b.jpg")
     with pytest.raises(StoreError, match="no image"):
-        s.finish_move(orphan, {"state": "sorted"})
+        s.finish_move(orphan, Filing("sorted"))
     s.finish_move(orphan)
     assert s.pending_moves() == []
     with s.transaction(), pytest.raises(StoreError, match="must be committed"):
         s.begin_move(iid, "/a", "/b")
+
+
+def test_names_that_are_not_utf8_round_trip_as_raw_bytes(s: Store, db: Path) -> None:
+    cid = s.add_cluster("c", vec(1))
+    src, dst = os.fsdecode(b"/inbox/caf\xe9.jpg"), os.fsdecode(b"/lib/c/caf\xe9 (2).jpg")
+    iid = s.add_image("a", os.path.basename(src), src, "pending")
+    s.finish_move(s.begin_move(iid, src, dst), Filing.sorted_into(cid, 0.1))
+    row = s.get_image(iid)
+    assert row is not None and row.path == Path(dst) and row.original_name == "caf\udce9.jpg"
+    assert s.find_by_path(dst) == row
+    raw = sqlite3.connect(db)
+    assert raw.execute("SELECT typeof(path), path FROM images").fetchone() == (
+        "blob", b"/lib/c/caf\xe9 (2).jpg")
+    raw.close()
 
 
 def test_transactions_roll_back_whole(s: Store) -> None:
@@ -374,7 +417,10 @@ def test_migrates_a_v1_database(db: Path) -> None:
         assert store.get_meta("model_sha256") == "abc"
         # The step-2 table exists and works.
         mid = store.begin_move(1, "/lib/old/a.jpg", "/lib/new/a.jpg")
-        store.finish_move(mid, {"path": "/lib/new/a.jpg"})
+        store.finish_move(mid, row.filing)
+        moved = store.get_image(1)
+        assert moved is not None and moved.path == Path("/lib/new/a.jpg")
+        assert moved.filing == Filing.sorted_into(1, 0.5)
         assert store.integrity_check() == "ok"
     raw = sqlite3.connect(db)
     assert raw.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 2
@@ -433,15 +479,14 @@ _WRITER = """
 import sys
 from pathlib import Path
 import numpy as np
-from segd.state.store import open_store
+from segd.state.store import Filing, open_store
 
 s = open_store(Path(sys.argv[1]))
 clusters = s.clusters()
 cid = clusters[0].id if clusters else s.add_cluster("c", np.zeros(1280))
 
-def done(iid):
-    return {"path": f"/lib/c/{iid}.jpg", "state": "sorted", "cluster_id": cid,
-            "distance": float(iid)}
+def done(iid):  # the path is the journaled dst, /lib/c/<iid>.jpg
+    return Filing.sorted_into(cid, float(iid))
 
 for m in s.pending_moves():
     s.finish_move(m.id, done(m.image_id))

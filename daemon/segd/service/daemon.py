@@ -28,6 +28,7 @@ import numpy as np
 from segd.config import Config, check_folders_writable, parse_config_file
 from segd.core.cluster import FitParams, assign
 from segd.core.errors import ConfigError, FileAccessError, ImageError, SegdError
+from segd.core.filing import Filing
 from segd.core.pipeline import FLUSH, Embedded, Flush, embed_stream
 from segd.core.workqueue import WorkQueue
 from segd.media.decode import DecodeOptions, decode_bytes, read_image_file
@@ -38,7 +39,7 @@ from segd.service.watcher import InboxWatcher
 from segd.state.lock import StateLock, acquire_state_lock
 from segd.state.mover import MovePlan, SourceChangedError, journaled_moves, recover_moves
 from segd.state.quarantine import quarantine_file
-from segd.state.reconcile import reconcile, resolve_cluster_folder, updates_for_move
+from segd.state.reconcile import filing_after_move, reconcile, resolve_cluster_folder
 from segd.state.refit import RefitReport, run_refit
 from segd.state.store import Store, open_store
 
@@ -215,7 +216,7 @@ class Daemon:
                     if plan is not None:
                         staged.append((result, plan))
             outcomes = journaled_moves(self.store, [plan for _, plan in staged])
-            filed = Counter(plan.updates["cluster_id"] for (_, plan), outcome
+            filed = Counter(plan.filing.cluster_id for (_, plan), outcome
                             in zip(staged, outcomes, strict=True) if isinstance(outcome, Path))
             with self.store.transaction():
                 for cluster_id, count in filed.items():
@@ -230,7 +231,7 @@ class Daemon:
             self.counters.sorted += 1
             ms = (time.perf_counter() - result.item.started) * 1000.0
             log.info("sorted %s -> %s/%s (distance %.3f, %.0f ms, decode %.0f ms)",
-                     plan.src.name, plan.folder.name, outcome.name, plan.updates["distance"],
+                     plan.src.name, plan.folder.name, outcome.name, plan.filing.distance,
                      ms, result.decode_ms)
 
     def _stage(self, arrival: Arrival, embedding: np.ndarray | None) -> MovePlan | None:
@@ -254,10 +255,9 @@ class Daemon:
                                             embedding=embedding)
         else:
             image_id = existing.id
-            self.store.update_image(image_id, embedding=embedding, sha256=arrival.sha256)
+            self.store.record_content(image_id, arrival.sha256, embedding)
         return MovePlan(image_id, path, folder, path.name,
-                        {"state": "sorted", "cluster_id": cluster_id,
-                         "distance": float(dists[0])}, expected=arrival.stat)
+                        Filing.sorted_into(cluster_id, float(dists[0])), expected=arrival.stat)
 
     def _keep_pending(self, arrival: Arrival, embedding: np.ndarray, existing: Any) -> None:
         if existing is not None and existing.sha256 == arrival.sha256:
@@ -266,7 +266,7 @@ class Daemon:
             self.store.add_image(arrival.sha256, arrival.path.name, arrival.path, "pending",
                                  embedding=embedding)
         else:
-            self.store.update_image(existing.id, embedding=embedding, sha256=arrival.sha256)
+            self.store.record_content(existing.id, arrival.sha256, embedding)
         self.counters.pending += 1
         counts = self.store.count_by_state()
         log.info("pending %s (no clusters yet: %d of %d images needed for the first fit; "
@@ -433,7 +433,8 @@ def run_daemon(config: Config) -> int:
     try:
         embedder = Embedder.from_config(config.model)
         store.bind_model(embedder.identity, embedder.spec.embedding_dim)
-        recovered = recover_moves(store, lambda move: updates_for_move(store, config, move))
+        recovered = recover_moves(
+            store, lambda move, image: filing_after_move(store, config, move, image))
         summary = reconcile(store, config)
         if recovered or summary:
             log.info("start-up recovery: %d interrupted move(s) settled; %s", recovered,

@@ -5,24 +5,23 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 
 from segd.core.errors import StoreError
+from segd.core.filing import IMAGE_STATES, Filing
 from segd.state.db import EMB_DTYPE, Database, abs_path, text_from_db, text_to_db
-from segd.state.schema import IMAGE_STATES
 
 _PAGE_ROWS: Final = 1024  # rows per query when iterating image rows
 _IMAGE_COLS: Final = (
     "id, sha256, original_name, path, state, cluster_id, distance, embedding, reason, "
     "added_at, updated_at"
 )
-_IMAGE_UPDATABLE: Final = frozenset(
-    {"sha256", "path", "state", "cluster_id", "distance", "embedding", "reason"}
-)
+# Filing's fields are images columns of the same names: a field added there is written too.
+_FILING_COLS: Final = tuple(f.name for f in fields(Filing))
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +38,11 @@ class ImageRow:
     reason: str | None
     added_at: float
     updated_at: float
+
+    @property
+    def filing(self) -> Filing:
+        """Where the image stands now, as the value a move or a correction starts from."""
+        return Filing(**{name: getattr(self, name) for name in _FILING_COLS})
 
 
 class ImageTable(Database):
@@ -101,32 +105,41 @@ class ImageTable(Database):
             ).fetchone()
         return None if row is None else self._image(row)
 
-    def update_image(self, image_id: int, **fields: Any) -> None:
-        """Change some of path, state, cluster_id, distance, embedding, reason.
+    def file_image(self, image_id: int, path: Path | str, filing: Filing) -> None:
+        """Record that the image's file is now at ``path``, filed as ``filing``: for a move
+        made outside the journal (a user moved the file between folders).
 
-        Raises TypeError for any other field name (a programming error) and StoreError if the
-        image does not exist or a value is invalid. ``updated_at`` is set automatically.
+        StoreError if the image does not exist, ``path`` is not absolute or another image
+        holds it, or the filing names an unknown cluster. ``updated_at`` is set as well.
         """
-        with self._write(f"update image {image_id}") as conn:
-            self._update_image(conn, image_id, fields)
+        what = f"file image {image_id}"
+        with self._write(what) as conn:
+            self._set_filing(conn, image_id, abs_path(path, what), filing, what)
 
-    def _update_image(
-        self, conn: sqlite3.Connection, image_id: int, fields: dict[str, Any]
+    def record_content(self, image_id: int, sha256: str, embedding: np.ndarray) -> None:
+        """A new version of the image's file (the same name, other bytes): its hash and
+        embedding. Where it is filed does not change."""
+        what = f"record content of image {image_id}"
+        blob = self._to_blob(embedding, what)
+        with self._write(what) as conn:
+            cur = conn.execute(
+                "UPDATE images SET sha256 = ?, embedding = ?, updated_at = ? WHERE id = ?",
+                (sha256, blob, time.time(), image_id),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(f"{what}: no such image")
+
+    def _set_filing(
+        self, conn: sqlite3.Connection, image_id: int, path: str | bytes, filing: Filing,
+        what: str,
     ) -> None:
-        what = f"update image {image_id}"
-        unknown = set(fields) - _IMAGE_UPDATABLE
-        if unknown:
-            raise TypeError(f"update_image: unknown field(s) {sorted(unknown)}")
-        values = dict(fields)
-        if "state" in values:
-            _check_state(values["state"], what)
-        if "path" in values:
-            values["path"] = abs_path(values["path"], what)
-        if values.get("embedding") is not None:
-            values["embedding"] = self._to_blob(values["embedding"], what)
-        values["updated_at"] = time.time()
-        sets = ", ".join(f"{k} = ?" for k in values)
-        cur = conn.execute(f"UPDATE images SET {sets} WHERE id = ?", (*values.values(), image_id))
+        """Write the path and every field of ``filing`` (one column per field)."""
+        _check_state(filing.state, what)
+        values = [getattr(filing, name) for name in _FILING_COLS]
+        sets = ", ".join(f"{name} = ?" for name in ("path", *_FILING_COLS, "updated_at"))
+        cur = conn.execute(
+            f"UPDATE images SET {sets} WHERE id = ?", (path, *values, time.time(), image_id)
+        )
         if cur.rowcount != 1:
             raise StoreError(f"{what}: no such image")
 

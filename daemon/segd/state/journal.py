@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from segd.core.errors import StoreError
+from segd.core.filing import Filing
 from segd.state.db import abs_path, text_from_db
 from segd.state.images import ImageTable
 
@@ -48,7 +49,7 @@ class MoveJournal(ImageTable):
 
             mid = store.begin_move(img.id, src, dst)          # committed + fsynced
             os.rename(src, dst)                                # or copy to tmp, ...
-            store.finish_move(mid, {"path": dst, "state": "sorted", ...})
+            store.finish_move(mid, Filing.sorted_into(cluster_id, distance))
 
         Cross-filesystem: ``begin_move(id, src, dst, tmp)``, copy to ``tmp`` and fsync,
         ``mark_move_copied(mid)``, rename ``tmp`` -> ``dst``, unlink ``src``, ``finish_move``.
@@ -94,28 +95,31 @@ class MoveJournal(ImageTable):
             if cur.rowcount != 1:
                 raise StoreError(f"mark move {move_id} copied: no such move")
 
-    def finish_moves(self, moves: list[tuple[int, dict[str, Any] | None]]) -> None:
-        """finish_move for each (move_id, image_updates), all in one commit."""
+    def finish_moves(self, moves: list[tuple[int, Filing | None]]) -> None:
+        """finish_move for each (move_id, filing), all in one commit."""
         with self.transaction():
-            for move_id, updates in moves:
-                self.finish_move(move_id, updates)
+            for move_id, filing in moves:
+                self.finish_move(move_id, filing)
 
-    def finish_move(self, move_id: int, image_updates: dict[str, Any] | None = None) -> None:
-        """Delete the journal row and apply ``image_updates`` to its image, atomically.
+    def finish_move(self, move_id: int, filing: Filing | None = None) -> None:
+        """Delete the journal row and, with a ``filing``, record its outcome, atomically.
 
-        ``image_updates`` takes update_image's fields, typically ``path`` (the new location),
-        ``state``, ``cluster_id`` and ``distance``. Empty or None just closes the journal row
-        (e.g. recovery found the move never happened and left the file where it was).
+        With a filing the image's path becomes the journaled ``dst`` and its fields take the
+        filing's values (the file reached dst). None just closes the journal row (e.g.
+        recovery found the move never happened and left the file where it was).
         """
         what = f"finish move {move_id}"
         with self._write(what) as conn:
-            row = conn.execute("SELECT image_id FROM moves WHERE id = ?", (move_id,)).fetchone()
+            row = conn.execute(
+                "SELECT image_id, dst FROM moves WHERE id = ?", (move_id,)
+            ).fetchone()
             if row is None:
                 raise StoreError(f"{what}: no such move")
-            if image_updates:
+            if filing is not None:
                 if row[0] is None:
                     raise StoreError(f"{what}: the move has no image to update")
-                self._update_image(conn, row[0], image_updates)
+                # dst as stored (text, or raw bytes for a name that is not UTF-8).
+                self._set_filing(conn, row[0], row[1], filing, what)
             conn.execute("DELETE FROM moves WHERE id = ?", (move_id,))
 
     def pending_moves(self) -> list[MoveRow]:
@@ -126,9 +130,9 @@ class MoveJournal(ImageTable):
 
         * ``planned`` with ``tmp``: the copy may be partial. Delete ``tmp``, then as below.
         * ``copied``: ``tmp`` is complete. If it exists, rename it to ``dst``; unlink ``src``
-          if still there; ``finish_move(id, {"path": dst, ...})``.
+          if still there; ``finish_move(id, filing)``.
         * ``planned``: only ``src`` exists -> nothing happened, ``finish_move(id)`` (or redo);
-          only ``dst`` exists -> done, ``finish_move(id, {"path": dst, ...})``; both exist ->
+          only ``dst`` exists -> done, ``finish_move(id, filing)``; both exist ->
           compare ``dst``'s hash with the image's ``sha256`` before deleting anything;
           neither -> the user removed the file, ``finish_move(id)`` then ``delete_image``.
         """

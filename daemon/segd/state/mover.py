@@ -18,10 +18,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from segd.core.filing import Filing
 from segd.state import fsops
-from segd.state.store import MoveRow, Store
+from segd.state.store import ImageRow, MoveRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class MovePlan:
     src: Path
     folder: Path
     name: str
-    updates: dict[str, Any]  # image fields to set with the new path (state, cluster...)
+    filing: Filing  # what the image becomes once the file is at its new path
     # The stat of the file the caller read: src must still be that file, else the move is
     # refused (SourceChangedError) rather than filing another file under this image's row.
     expected: os.stat_result | None = None
@@ -93,8 +93,7 @@ def journaled_moves(store: Store, plans: list[MovePlan]) -> list[Path | Exceptio
             fsops.remove_if_unchanged(plan.src, before, sync=False)
         for folder in {plan.src.parent for _, plan, _, _, _ in linked}:
             fsops.fsync_dir(folder)
-        finished += [(move_id, {"path": dst, **plan.updates})
-                     for _, plan, _, dst, move_id in linked]
+        finished += [(move_id, plan.filing) for _, plan, _, _, move_id in linked]
         store.finish_moves(finished)
         for i, _, _, dst, _ in linked:
             results[i] = dst
@@ -154,7 +153,7 @@ def journaled_move(store: Store, plan: MovePlan) -> Path:
             raise
         fsops.fsync_dir(plan.folder)
         fsops.remove_if_unchanged(plan.src, before)
-        store.finish_move(move_id, {"path": dst, **plan.updates})
+        store.finish_move(move_id, plan.filing)
         return dst
     raise FileExistsError(f"no free name for {plan.name} in {plan.folder}")
 
@@ -212,21 +211,23 @@ def file_sha256(path: Path) -> str | None:
     return h.hexdigest()
 
 
-def recover_moves(store: Store, updates_for: Callable[[MoveRow], dict[str, Any]]) -> int:
+FilingFor = Callable[[MoveRow, ImageRow], Filing]
+
+
+def recover_moves(store: Store, filing_for: FilingFor) -> int:
     """Complete or roll back every journaled move a crash left open; return how many.
 
-    `updates_for(move)` gives the image fields a completed move implies (state, cluster),
-    derived by the caller from where dst lies.
+    `filing_for(move, image)` gives the filing a completed move implies (state, cluster),
+    derived by the caller from where dst lies and from the image as it was before the move.
     """
     moves = store.pending_moves()
     for move in moves:
-        outcome = _recover_one(store, move, updates_for)
+        outcome = _recover_one(store, move, filing_for)
         log.warning("recovered interrupted move %s -> %s: %s", move.src, move.dst, outcome)
     return len(moves)
 
 
-def _recover_one(store: Store, move: MoveRow,
-                 updates_for: Callable[[MoveRow], dict[str, Any]]) -> str:
+def _recover_one(store: Store, move: MoveRow, filing_for: FilingFor) -> str:
     image = store.get_image(move.image_id) if move.image_id is not None else None
     src_there = os.path.lexists(move.src)
     dst_there = os.path.lexists(move.dst)
@@ -249,8 +250,7 @@ def _recover_one(store: Store, move: MoveRow,
         stale = store.find_by_path(move.dst)
         if stale is not None and stale.id != move.image_id:
             store.delete_image(stale.id)  # a row left by a file the user deleted
-        store.finish_move(move.id, {"path": move.dst, **updates_for(move)}
-                          if image is not None else None)
+        store.finish_move(move.id, None if image is None else filing_for(move, image))
         return "completed"
     if src_there:
         store.finish_move(move.id)

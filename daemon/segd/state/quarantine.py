@@ -10,6 +10,7 @@ from pathlib import Path
 
 from segd.config import Config
 from segd.core.errors import ImageError
+from segd.core.filing import Filing
 from segd.state.mover import MovePlan, journaled_move
 from segd.state.store import Store
 
@@ -27,7 +28,7 @@ def quarantine_file(store: Store, config: Config, path: Path, error: ImageError,
         image_id = store.add_image("", _printable(path.name), path, "pending", reason=reason)
     try:
         dest = journaled_move(store, MovePlan(image_id, path, config.quarantine, path.name,
-                                              {"state": "quarantined", "reason": reason}))
+                                              Filing.quarantined(reason)))
     except FileNotFoundError:
         store.delete_image(image_id)
         return None

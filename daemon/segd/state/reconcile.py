@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from segd.config import Config
 from segd.core.errors import SegdError
+from segd.core.filing import Filing
 from segd.core.library import safe_folder
-from segd.state.store import MoveRow, Store
+from segd.state.store import ImageRow, MoveRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +84,17 @@ def _find_dir_with_identity(library: Path, identity: str) -> Path | None:
     return None
 
 
-def updates_for_move(store: Store, config: Config, move: MoveRow) -> dict[str, Any]:
-    """The image fields a completed journaled move implies, from where its dst lies."""
+def filing_after_move(store: Store, config: Config, move: MoveRow, image: ImageRow) -> Filing:
+    """The filing a completed journaled move implies, from where its dst lies; what dst
+    does not tell (the distance, a reason) stays as the image had it."""
     parent = move.dst.parent
     if parent == config.quarantine:
-        return {"state": "quarantined"}
+        return replace(image.filing, state="quarantined")
     if parent.parent == config.library:
         for cluster in store.clusters(active_only=False):
             if cluster.folder == parent.name:
-                return {"state": "sorted", "cluster_id": cluster.id}
-    return {}
+                return replace(image.filing, state="sorted", cluster_id=cluster.id)
+    return image.filing
 
 
 def reconcile(store: Store, config: Config) -> str:
@@ -107,7 +109,7 @@ def reconcile(store: Store, config: Config) -> str:
     by_folder = {name: cid for cid, name in folder_of.items()}
 
     moved = forgotten = 0
-    changes: list[tuple[int, dict[str, Any] | None]] = []
+    changes: list[tuple[int, tuple[Path, Filing] | None]] = []
     for image in store.iter_images():
         if os.path.lexists(image.path):
             continue
@@ -116,7 +118,7 @@ def reconcile(store: Store, config: Config) -> str:
             for name, cid in by_folder.items():
                 candidate = config.library / name / image.path.name
                 if os.path.lexists(candidate) and store.find_by_path(candidate) is None:
-                    found = {"path": candidate, "cluster_id": cid}
+                    found = (candidate, replace(image.filing, cluster_id=cid))
                     break
         changes.append((image.id, found))
     for image_id, found in changes:
@@ -124,7 +126,7 @@ def reconcile(store: Store, config: Config) -> str:
             store.delete_image(image_id)
             forgotten += 1
         else:
-            store.update_image(image_id, **found)
+            store.file_image(image_id, *found)
             moved += 1
     if moved or forgotten:
         store.recount_cluster_sizes()

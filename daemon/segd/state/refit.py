@@ -28,6 +28,7 @@ import numpy as np
 from segd.config import Config
 from segd.core.cluster import FitCancelled, FitParams, FitResult, assign, fit_stream, match_clusters
 from segd.core.errors import SegdError
+from segd.core.filing import Filing
 from segd.core.library import cluster_folder_name, safe_folder
 from segd.state.mover import MovePlan, journaled_move
 from segd.state.reconcile import reconcile, resolve_cluster_folder
@@ -225,9 +226,9 @@ def _refile(store: Store, config: Config, centroids: np.ndarray, new_ids: np.nda
             continue
         if target not in folders:
             continue
-        updates = {"state": "sorted", "cluster_id": target, "distance": float(dist[0])}
+        filing = Filing.sorted_into(target, float(dist[0]))
         plans.append(MovePlan(image.id, image.path, folders[target], image.original_name,
-                              updates))
+                              filing))
     for plan in plans:
         try:
             journaled_move(store, plan)

@@ -10,7 +10,6 @@ from typing import Final
 from segd.core.errors import StoreError
 
 EMBEDDING_DIM: Final = 1280  # MobileNetV2 pooled features
-IMAGE_STATES: Final = ("pending", "sorted", "quarantined")
 MOVE_STATES: Final = ("planned", "copied")
 # "segd" in ASCII: marks the file as ours so a stray SQLite file is refused, not migrated.
 APPLICATION_ID: Final = 0x73656764

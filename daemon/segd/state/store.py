@@ -32,12 +32,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from segd.core.errors import StoreError
+from segd.core.filing import IMAGE_STATES, Filing
 from segd.state.clusters import ClusterRow, ClusterTable, FitRow
 from segd.state.images import ImageRow
 from segd.state.journal import MoveJournal, MoveRow
 from segd.state.schema import (
     EMBEDDING_DIM,
-    IMAGE_STATES,
     META_DIM,
     META_MODEL,
     MIGRATIONS,
@@ -47,8 +47,8 @@ from segd.state.schema import (
 
 __all__ = [
     "DB_NAME", "EMBEDDING_DIM", "IMAGE_STATES", "META_DIM", "META_MODEL", "MIGRATIONS",
-    "MOVE_STATES", "SCHEMA_VERSION", "ClusterRow", "FitRow", "ImageRow", "MoveRow", "Store",
-    "StoreError", "open_store",
+    "MOVE_STATES", "SCHEMA_VERSION", "ClusterRow", "Filing", "FitRow", "ImageRow", "MoveRow",
+    "Store", "StoreError", "open_store",
 ]
 
 DB_NAME = "segd.db"
