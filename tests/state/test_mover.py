@@ -191,6 +191,127 @@ def test_vanished_source(store: Store, tmp_path: Path) -> None:
     assert store.pending_moves() == []
 
 
+# --------------------------------------------------------------------------- journaled_moves
+# The batch path the daemon files every network batch with. Each plan carries the stat of
+# the file the daemon read (`expected`): a source replaced at any step must neither be filed
+# under the old image's row nor lose the newer file.
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """What a writer saving atomically does: a new inode takes the name."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def read_plan(store: Store, src: Path, folder: Path, data: bytes, cluster_id: int,
+              name: str | None = None) -> MovePlan:
+    """A file arrived and was read: its row and its plan, as the daemon stages them."""
+    image_id = new_image(store, src, data)
+    return MovePlan(image_id, src, folder, name or src.name,
+                    Filing.sorted_into(cluster_id, 0.125), expected=os.lstat(src))
+
+
+@pytest.fixture
+def cluster(store: Store) -> int:
+    return store.add_cluster("c", [0.0] * store.dim)
+
+
+def test_batch_files_each_in_one_journal_and_reports_each_failure(
+        store: Store, tmp_path: Path, cluster: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    inbox, folder = tmp_path / "inbox", tmp_path / "library" / "c"
+    ok = [read_plan(store, inbox / f"{i}.jpg", folder, b"photo %d" % i, cluster)
+          for i in range(3)]
+    same_name = read_plan(store, inbox / "sub" / "0.jpg", folder, b"another 0.jpg", cluster)
+    gone = read_plan(store, inbox / "gone.jpg", folder, b"gone", cluster)
+    gone.src.unlink()
+    rewritten = read_plan(store, inbox / "rewritten.jpg", folder, b"first", cluster)
+    replace_file(rewritten.src, b"second, after it was read")
+    journal_moves, commits = store.begin_moves, []
+
+    def journal_recorded(moves: Any) -> list[int]:
+        commits.append([image_id for image_id, *_ in moves])
+        return journal_moves(moves)
+
+    monkeypatch.setattr(store, "begin_moves", journal_recorded)
+    results = mover.journaled_moves(store, [*ok, same_name, gone, rewritten])
+
+    # One commit journals the batch; a file gone or changed since it was read is refused
+    # before anything is journaled for it.
+    assert commits == [[p.image_id for p in (*ok, same_name)]]
+
+    assert results[:4] == [folder / "0.jpg", folder / "1.jpg", folder / "2.jpg",
+                           folder / "0 (2).jpg"]
+    assert isinstance(results[4], FileNotFoundError)
+    assert isinstance(results[5], mover.SourceChangedError)
+    for plan_, dst in zip([*ok, same_name], results[:4], strict=True):
+        assert isinstance(dst, Path) and not plan_.src.exists()
+        image = store.get_image(plan_.image_id)
+        assert image is not None and sha(dst.read_bytes()) == image.sha256
+        assert (image.path, image.filing) == (dst, Filing.sorted_into(cluster, 0.125))
+    assert rewritten.src.read_bytes() == b"second, after it was read"  # never touched
+    for plan_ in (gone, rewritten):
+        image = store.get_image(plan_.image_id)
+        assert image is not None and image.path == plan_.src and image.state == "pending"
+    assert sorted(p.name for p in folder.iterdir()) == ["0 (2).jpg", "0.jpg", "1.jpg", "2.jpg"]
+    assert store.pending_moves() == []
+
+
+def test_batch_source_replaced_before_the_link_is_not_filed(
+        store: Store, tmp_path: Path, cluster: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The name is linked, not the inode the daemon read: a file that took the name after
+    # the check would be linked into the library under the old file's row. _check_linked
+    # sees that dst is not the file read and takes the second name away again.
+    folder = tmp_path / "library" / "c"
+    kept = read_plan(store, tmp_path / "inbox" / "kept.jpg", folder, b"kept", cluster)
+    swapped = read_plan(store, tmp_path / "inbox" / "a.jpg", folder, b"the photo read",
+                        cluster)
+    journal_moves = store.begin_moves
+
+    def writer_strikes_after_the_journal_commit(moves: Any) -> list[int]:
+        ids = journal_moves(moves)
+        replace_file(swapped.src, b"a newer photo under the same name")
+        return ids
+
+    monkeypatch.setattr(store, "begin_moves", writer_strikes_after_the_journal_commit)
+    results = mover.journaled_moves(store, [kept, swapped])
+    assert results[0] == folder / "kept.jpg"
+    assert isinstance(results[1], mover.SourceChangedError)
+    assert not os.path.lexists(folder / "a.jpg")  # no second name of the newer file
+    assert swapped.src.read_bytes() == b"a newer photo under the same name"
+    image = store.get_image(swapped.image_id)
+    assert image is not None and (image.path, image.state) == (swapped.src, "pending")
+    assert image.sha256 == sha(b"the photo read")
+    assert sorted(p.name for p in folder.iterdir()) == ["kept.jpg"]
+    assert store.pending_moves() == []
+
+
+def test_batch_source_replaced_after_the_link_survives(
+        store: Store, tmp_path: Path, cluster: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Between the link and the unlink a writer saves a new file under the source's name:
+    # the file read is filed, and the newer one stays in the inbox (it is reported again).
+    folder = tmp_path / "library" / "c"
+    plan_ = read_plan(store, tmp_path / "inbox" / "a.jpg", folder, b"the photo read", cluster)
+    sync = fsops.fsync_dir
+    struck: list[Path] = []
+
+    def writer_strikes_while_the_link_is_synced(path: Path) -> None:
+        sync(path)
+        if path == folder and not struck:
+            struck.append(path)
+            replace_file(plan_.src, b"a newer photo under the same name")
+
+    monkeypatch.setattr(fsops, "fsync_dir", writer_strikes_while_the_link_is_synced)
+    [result] = mover.journaled_moves(store, [plan_])
+    assert struck and result == folder / "a.jpg"
+    assert result.read_bytes() == b"the photo read"
+    assert plan_.src.read_bytes() == b"a newer photo under the same name"
+    image = store.get_image(plan_.image_id)
+    assert image is not None and (image.path, image.filing) == (
+        result, Filing.sorted_into(cluster, 0.125))
+    assert store.pending_moves() == []
+
+
 # --------------------------------------------------------------------------- recovery
 
 
