@@ -27,7 +27,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segd.media.decode import SUPPORTED_SUFFIXES, DecodeOptions, decode_file
+from segd.media.decode import DecodeOptions, decode_file
+from segd.media.formats import SUPPORTED_SUFFIXES
 
 DEFAULT_FOLDER = Path("/work/shared/datasets/clothing10")
 

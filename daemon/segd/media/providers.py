@@ -1,5 +1,7 @@
-"""The GPU policy as pure decisions: which onnxruntime providers to ask for, and why a session
-is not on the GPU. Nothing here creates a session, so every branch is testable without one."""
+"""The GPU policy as pure decisions: which onnxruntime providers to ask for, and why not GPU.
+
+Nothing here creates a session, so every branch is testable without a GPU.
+"""
 
 from __future__ import annotations
 
