@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from segd.config import Config, check_folders_writable, parse_config_file
-from segd.core.cluster import FitParams, assign
+from segd.core.arrival import ArrivalPlan, plan_arrival
+from segd.core.cluster import FitParams
 from segd.core.errors import ConfigError, FileAccessError, ImageError, SegdError
-from segd.core.filing import Filing
 from segd.core.pipeline import FLUSH, Embedded, Flush, embed_stream
 from segd.core.workqueue import WorkQueue
 from segd.media.decode import DecodeOptions, decode_bytes, read_image_file
@@ -240,33 +240,30 @@ class Daemon:
         path = arrival.path
         if not self._unchanged(arrival):
             return None
-        existing = self.store.find_by_path(path)
-        if existing is not None and existing.state != "pending":
-            self.store.delete_image(existing.id)  # a stale row for a reused name
-            existing = None
-        if len(self.centroids) == 0:
-            self._keep_pending(arrival, embedding, existing)
+        plan = plan_arrival(self.store.find_by_path(path), arrival.sha256, embedding,
+                            self.centroid_ids, self.centroids)
+        if plan.forget is not None:
+            self.store.delete_image(plan.forget)  # a stale row for a reused name
+        if plan.filing is None:
+            self._keep_pending(arrival, embedding, plan)
             return None
-        labels, dists = assign(embedding[None, :], self.centroids)
-        cluster_id = int(self.centroid_ids[labels[0]])
-        folder = resolve_cluster_folder(self.store, self.config.library, cluster_id)
-        if existing is None:
-            image_id = self.store.add_image(arrival.sha256, path.name, path, "pending",
-                                            embedding=embedding)
-        else:
-            image_id = existing.id
-            self.store.record_content(image_id, arrival.sha256, embedding)
-        return MovePlan(image_id, path, folder, path.name,
-                        Filing.sorted_into(cluster_id, float(dists[0])), expected=arrival.stat)
+        assert plan.filing.cluster_id is not None
+        folder = resolve_cluster_folder(self.store, self.config.library, plan.filing.cluster_id)
+        image_id = self._record(arrival, embedding, plan.image_id)
+        return MovePlan(image_id, path, folder, path.name, plan.filing, expected=arrival.stat)
 
-    def _keep_pending(self, arrival: Arrival, embedding: np.ndarray, existing: Any) -> None:
-        if existing is not None and existing.sha256 == arrival.sha256:
+    def _record(self, arrival: Arrival, embedding: np.ndarray, image_id: int | None) -> int:
+        """Store what was read: a new pending row, or the new bytes of the file's own row."""
+        if image_id is None:
+            return self.store.add_image(arrival.sha256, arrival.path.name, arrival.path,
+                                        "pending", embedding=embedding)
+        self.store.record_content(image_id, arrival.sha256, embedding)
+        return image_id
+
+    def _keep_pending(self, arrival: Arrival, embedding: np.ndarray, plan: ArrivalPlan) -> None:
+        if not plan.record:
             return  # already waiting
-        if existing is None:
-            self.store.add_image(arrival.sha256, arrival.path.name, arrival.path, "pending",
-                                 embedding=embedding)
-        else:
-            self.store.record_content(existing.id, arrival.sha256, embedding)
+        self._record(arrival, embedding, plan.image_id)
         self.counters.pending += 1
         counts = self.store.count_by_state()
         log.info("pending %s (no clusters yet: %d of %d images needed for the first fit; "
