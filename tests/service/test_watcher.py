@@ -1,15 +1,26 @@
-"""The inbox watcher against a real observer on a real folder: no mocks.
+"""The inbox watcher against a real observer on a real folder.
 
-Timing-based by nature: every wait polls with a deadline, and every "not delivered" check
-is made against a later sentinel event or after a margin well above the configured periods.
+The readiness rules themselves are tested on a fake clock in tests/core/test_readiness.py;
+these tests check the plumbing: real inotify and polling observers, real files, threads.
+Every wait is on a condition with a generous deadline; every "not delivered" check is made
+against a later sentinel event or after a margin well above the configured periods; and no
+assertion needs the machine to be fast. The inotify watch limit is simulated by making
+watchdog's inotify_add_watch fail with ENOSPC, as the kernel does, and tested for real in
+a user namespace where the limit can be lowered.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
+import json
+import logging
 import os
 import shutil
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,16 +40,25 @@ BASE = WatchConfig(rescan_interval_s=0.0, quiet_s=0.5, poll_interval_s=0.2)
 POLLING = dataclasses.replace(BASE, polling=True)
 
 
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.02)
+
+
 class Collector:
     """A thread-safe on_ready that records (monotonic time, path) and can be waited on."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self.calls: list[tuple[float, Path]] = []
+        self.wall_ns: dict[Path, int] = {}  # wall clock of each path's first delivery
 
     def __call__(self, path: Path) -> None:
         with self._cond:
             self.calls.append((time.monotonic(), path))
+            self.wall_ns.setdefault(path, time.time_ns())
             self._cond.notify_all()
 
     def names(self) -> list[str]:
@@ -236,37 +256,44 @@ def test_dotfile_ignored(
 
 
 @needs_inotify
-def test_startup_scan_old_files_at_once_young_after_quiet(
+def test_startup_scan_old_files_at_once_recent_after_quiet(
     make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path
 ) -> None:
+    # The age boundary itself is tested on a fake clock; here the recent file's mtime is
+    # put in the future, so that it counts as recent however long the start takes.
     (inbox / "old.jpg").write_bytes(b"x")
     age(inbox / "old.jpg", 60)
-    (inbox / "young.jpg").write_bytes(b"x")  # closed before we watched: no event will come
+    (inbox / "recent.jpg").write_bytes(b"x")  # closed before we watched: no event will come
+    age(inbox / "recent.jpg", -3600)
     (inbox / ".tmpfile").write_bytes(b"x")
     started = time.monotonic()
-    _, got = make_watcher()
+    watcher, got = make_watcher()
     assert got.names() == ["old.jpg"]  # delivered synchronously by start()
-    got.wait_for("young.jpg")
-    assert got.time_of("young.jpg") - started >= BASE.quiet_s * 0.9
-    time.sleep(0.3)
-    assert got.names() == ["old.jpg", "young.jpg"]
+    assert watcher.waiting == {inbox / "recent.jpg"}
+    got.wait_for("recent.jpg")  # by the quiet period: nothing else would deliver it
+    assert got.time_of("recent.jpg") - started >= BASE.quiet_s
+    assert watcher.waiting == frozenset()
+    (inbox / "sentinel.jpg").write_bytes(b"x")
+    got.wait_for("sentinel.jpg")
+    assert got.names() == ["old.jpg", "recent.jpg", "sentinel.jpg"]
 
 
 @needs_inotify
 def test_startup_scan_waits_for_a_writer_that_started_before_us(
     make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path
 ) -> None:
-    quiet = 0.3
+    # A long quiet period: the scan must see the file as recent, and the fallback must not
+    # fire before the writer's next write arrives, however slow the machine.
     target = inbox / "copying.jpg"
     with open(target, "wb") as f:
         f.write(b"x" * 4096)
         f.flush()
-        _, got = make_watcher(dataclasses.replace(BASE, quiet_s=quiet))
-        for _ in range(3):  # the writer is seen writing: the quiet fallback is cancelled
-            time.sleep(0.1)
-            f.write(b"x" * 4096)
-            f.flush()
-        time.sleep(quiet * 3)  # a pause longer than quiet_s, still open
+        watcher, got = make_watcher(dataclasses.replace(BASE, quiet_s=30.0))
+        assert watcher.waiting == {target}  # the scan's quiet-period fallback
+        f.write(b"x" * 4096)
+        f.flush()
+        # Seen writing: the fallback is cancelled, only the close can deliver it now.
+        wait_until(lambda: target not in watcher.waiting, "the write to cancel the fallback")
         assert got.names() == []
         closed_at = time.monotonic()
     got.wait_for("copying.jpg")
@@ -381,11 +408,11 @@ def test_polling_delivers_after_quiet_period(
     watcher, got = make_watcher(POLLING)
     assert watcher.mode == "polling"
     write_slowly(inbox / "grow.jpg", chunks=5, pause=0.2)
-    last_write = time.monotonic()
-    assert got.names() == []
+    last_write_ns = (inbox / "grow.jpg").stat().st_mtime_ns
     got.wait_for("grow.jpg")
-    # Allow for the mtime being a little older than our clock reading after the last write.
-    assert got.time_of("grow.jpg") - last_write >= POLLING.quiet_s - 0.25
+    # The file's own mtime says when it last changed, however late this thread got to run;
+    # the kernel's coarse timestamps can only make it earlier.
+    assert got.wall_ns[inbox / "grow.jpg"] - last_write_ns >= POLLING.quiet_s * 1e9
     (inbox / "x.jpg.part").write_bytes(b"x")
     (inbox / "x.jpg.part").rename(inbox / "x.jpg")
     (inbox / ".hidden").write_bytes(b"x")
@@ -444,16 +471,232 @@ def test_inbox_deleted_is_recreated_by_the_watcher(
 
 @pytest.mark.parametrize("cfg", [BASE, POLLING], ids=["inotify", "polling"])
 def test_stop_is_prompt_and_leaves_no_threads(
-    make_watcher: Callable[..., tuple[InboxWatcher, Collector]], inbox: Path, cfg: WatchConfig
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]],
+    inbox: Path,
+    cfg: WatchConfig,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     if not cfg.polling and not LINUX:
         pytest.skip("inotify is Linux-only")
     before = set(threading.enumerate())
     watcher, _ = make_watcher(dataclasses.replace(cfg, rescan_interval_s=0.3), start=False)
+    (inbox / "pending.jpg").write_bytes(b"x")
+    age(inbox / "pending.jpg", -3600)  # recent: its quiet period is in flight at stop()
     watcher.start()
-    (inbox / "pending.jpg").write_bytes(b"x")  # leaves something in flight
-    time.sleep(0.1)
-    t0 = time.monotonic()
-    watcher.stop()
-    assert time.monotonic() - t0 < 1.0
+    assert watcher.waiting == {inbox / "pending.jpg"}
+    with caplog.at_level(logging.WARNING, logger="segd.service.watcher"):
+        watcher.stop()
+    # Prompt: every thread ended on its own signal, none needed stop()'s join timeout
+    # (a thread still alive after it would also still be listed here).
+    assert not [r for r in caplog.records if "did not stop" in r.getMessage()]
     assert set(threading.enumerate()) - before == set()
+
+
+# -- the inotify watch limit -----------------------------------------------------------------
+
+
+class WatchLimit:
+    """Makes watchdog's inotify_add_watch fail with ENOSPC past `limit` watched paths, the
+    way the kernel reports fs.inotify.max_user_watches; below it the real call runs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+        from watchdog.observers import inotify_c
+
+        self.limit = limit
+        self.refused: list[bytes] = []
+        self._watched: set[bytes] = set()
+        self._real = inotify_c.inotify_add_watch
+        monkeypatch.setattr(inotify_c, "inotify_add_watch", self._add_watch)
+
+    def _add_watch(self, fd: int, path: bytes, mask: int) -> int:
+        if path not in self._watched and len(self._watched) >= self.limit:
+            self.refused.append(path)
+            ctypes.set_errno(errno.ENOSPC)
+            return -1
+        wd = self._real(fd, path, mask)
+        if wd >= 0:
+            self._watched.add(path)
+        return wd
+
+
+def limit_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "max_user_watches" in r.getMessage()
+    ]
+
+
+@needs_inotify
+def test_watch_limit_polls_only_the_folders_it_cannot_watch(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]],
+    inbox: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    leaves = []
+    for i in range(4):
+        (inbox / f"d{i}" / "sub").mkdir(parents=True)
+        leaves.append(inbox / f"d{i}" / "sub")
+    limit = WatchLimit(monkeypatch, 2)  # the inbox and one folder
+    caplog.set_level(logging.INFO, logger="segd.service.watcher")
+    cfg = dataclasses.replace(BASE, recursive=True, poll_interval_s=0.1, quiet_s=0.3)
+    watcher, got = make_watcher(cfg)
+    assert limit.refused, "the simulated limit was never reached"
+    assert watcher.mode == "inotify"  # the rest of the inbox keeps its watches
+    polled = watcher.unwatched
+    assert polled and inbox not in polled
+    # Every leaf folder is watched or polled; the warning says what to raise, and once.
+    warnings = limit_warnings(caplog)
+    assert len(warnings) == 1
+    assert "sysctl" in warnings[0] and str(inbox) in warnings[0]
+    assert all(any(leaf.is_relative_to(p) for p in polled) for leaf in leaves)
+
+    # Files written in folders nobody watches arrive through the poll; a file in the
+    # inbox itself still arrives through its close event.
+    for i, leaf in enumerate(leaves):
+        (leaf / f"p{i}.jpg").write_bytes(b"x" * 100)
+    (inbox / "top.jpg").write_bytes(b"x")
+    got.wait_for("top.jpg", *[f"p{i}.jpg" for i in range(4)])
+
+    # A folder made later, with no watch left for it, is polled too.
+    (inbox / "late").mkdir()
+    wait_until(lambda: inbox / "late" in watcher.unwatched, "late/ to be polled")
+    (inbox / "late" / "q.jpg").write_bytes(b"x")
+    got.wait_for("q.jpg")
+    assert len(limit_warnings(caplog)) == 1  # later folders are logged at INFO
+
+    # Polled files are delivered once, not at every poll: listing them again is no news.
+    (leaves[0] / "sentinel.jpg").write_bytes(b"x")
+    got.wait_for("sentinel.jpg")
+    names = got.names()
+    assert sorted(names) == sorted(
+        ["top.jpg", "q.jpg", "sentinel.jpg"] + [f"p{i}.jpg" for i in range(4)]
+    )
+
+
+@needs_inotify
+def test_watch_limit_at_the_inbox_itself_polls_the_whole_inbox(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]],
+    inbox: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    WatchLimit(monkeypatch, 0)
+    caplog.set_level(logging.WARNING, logger="segd.service.watcher")
+    watcher, got = make_watcher(dataclasses.replace(BASE, recursive=True))
+    assert watcher.mode == "polling"
+    warnings = limit_warnings(caplog)
+    assert len(warnings) == 1 and "sysctl -w fs.inotify.max_user_watches" in warnings[0]
+    (inbox / "a.jpg").write_bytes(b"x")
+    got.wait_for("a.jpg")
+
+
+@needs_inotify
+def test_inotify_instance_limit_polls_the_whole_inbox(
+    make_watcher: Callable[..., tuple[InboxWatcher, Collector]],
+    inbox: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from watchdog.observers import inotify_c
+
+    def no_instance_left() -> int:
+        ctypes.set_errno(errno.EMFILE)
+        return -1
+
+    monkeypatch.setattr(inotify_c, "inotify_init", no_instance_left)
+    caplog.set_level(logging.WARNING, logger="segd.service.watcher")
+    watcher, got = make_watcher()
+    assert watcher.mode == "polling"
+    assert any("fs.inotify.max_user_instances" in r.getMessage() for r in caplog.records)
+    (inbox / "a.jpg").write_bytes(b"x")
+    got.wait_for("a.jpg")
+
+
+# Runs in a user namespace, where fs.inotify.max_user_watches has a per-namespace copy
+# (/proc/sys/user/max_inotify_watches) that its root may lower for its own processes.
+_REAL_LIMIT_SCRIPT = textwrap.dedent(
+    """
+    import json, logging, sys, time
+    from pathlib import Path
+
+    try:
+        Path("/proc/sys/user/max_inotify_watches").write_text("4")
+    except OSError as exc:
+        print(json.dumps({"skip": f"cannot lower the limit: {exc}"}))
+        sys.exit(0)
+
+    from segd.config import WatchConfig
+    from segd.service.watcher import InboxWatcher
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.warnings = []
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                self.warnings.append(record.getMessage())
+
+    records = Records()
+    logging.getLogger("segd").addHandler(records)
+    logging.getLogger("segd").setLevel(logging.INFO)
+    inbox = Path(sys.argv[1])
+    leaves = [inbox / f"d{i}" / "sub" for i in range(6)]
+    for leaf in leaves:
+        leaf.mkdir(parents=True)
+    got = []
+    cfg = WatchConfig(recursive=True, rescan_interval_s=0, quiet_s=0.3, poll_interval_s=0.1)
+    watcher = InboxWatcher(inbox, cfg, lambda p: got.append(p.name))
+    watcher.start()
+    try:
+        for i, leaf in enumerate(leaves):
+            (leaf / f"p{i}.jpg").write_bytes(b"x")
+        (inbox / "top.jpg").write_bytes(b"x")
+        want = {"top.jpg", *(f"p{i}.jpg" for i in range(6))}
+        deadline = time.monotonic() + 20
+        while not want <= set(got) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(json.dumps({
+            "mode": watcher.mode,
+            "polled": len(watcher.unwatched),
+            "delivered": sorted(got),
+            "warnings": records.warnings,
+        }))
+    finally:
+        watcher.stop()
+    """
+)
+
+
+@needs_inotify
+def test_real_watch_limit_in_a_user_namespace(inbox: Path) -> None:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs unshare(1) to lower the inotify watch limit in a user namespace")
+    proc = subprocess.run(
+        [
+            unshare,
+            "--user",
+            "--map-root-user",
+            sys.executable,
+            "-c",
+            _REAL_LIMIT_SCRIPT,
+            str(inbox),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if proc.returncode != 0 and "unshare" in proc.stderr and not proc.stdout:
+        pytest.skip(f"cannot make a user namespace here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    assert result["mode"] == "inotify"
+    assert result["polled"] >= 1
+    assert result["delivered"] == sorted({"top.jpg", *(f"p{i}.jpg" for i in range(6))})
+    limit_lines = [w for w in result["warnings"] if "max_user_watches" in w]
+    assert len(limit_lines) == 1 and "sysctl" in limit_lines[0], result["warnings"]
+    assert "4 in this user namespace" in limit_lines[0]  # the limit that actually applied

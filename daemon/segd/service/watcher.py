@@ -1,28 +1,33 @@
 """The inbox watcher: filesystem activity in, complete candidate files out.
 
 `InboxWatcher` calls ``on_ready(path)`` for every file in the inbox that looks complete. It
-never reports a file merely because it appeared or grew; what counts as "complete" depends
-on the mode:
+never reports a file merely because it appeared or grew. What counts as complete is decided
+by `segd.core.readiness.Readiness` (its docstring has the rules); this module is the
+plumbing around it: the watchdog observer, the timer thread, scans, stat calls and the
+health of the watch. In short:
 
-* ``inotify`` (Linux, ``watch.polling: false``): a file is ready when the kernel reports it
-  closed after writing (``FileClosedEvent``) or renamed into the inbox (``FileMovedEvent``
-  whose destination is inside it: a move from elsewhere, or ``foo.jpg.part`` -> ``foo.jpg``).
-  Read-only closes and opens are not even requested from the kernel, so the daemon
-  reading a photo cannot make it re-deliver itself.
+* ``inotify`` (Linux, ``watch.polling: false``): ready on a close after writing
+  (``FileClosedEvent``) or a rename into the inbox (``FileMovedEvent`` whose destination is
+  inside it: a move from elsewhere, or ``foo.jpg.part`` -> ``foo.jpg``). Read-only closes
+  and opens are not even requested from the kernel, so the daemon reading a photo cannot
+  make it re-deliver itself.
 * ``polling`` (NFS, SMB, SSHFS, where inotify sees nothing, or where inotify cannot start):
   watchdog's polling events are only hints; a file is ready once its size, mtime and inode
   stayed the same for ``quiet_s``.
 
 Scans (at start, every ``rescan_interval_s``, after the observer had to be restarted) cover
-what events cannot: files present before start and events the kernel dropped. In polling
-mode a scanned file goes through the same quiet period. In inotify mode a scanned file
-whose mtime is at least ``quiet_s`` old is delivered at once; a younger one may still be
-mid-copy by a writer that started before us, so it waits: its close event delivers it
-(write activity on it cancels the fallback), and if no event comes at all (it was closed
-before we started watching) the quiet-period check delivers it. The one gap: a writer that
-pauses for longer than ``quiet_s`` without writing, while we have seen no write from it,
-can get its file delivered early; its close later delivers it again, and the daemon
-re-checks files anyway.
+what events cannot: files present before start and events the kernel dropped. In inotify
+mode a scanned file at least ``quiet_s`` old is delivered at once, a younger one waits for
+its close or the quiet period. The one gap: a writer that pauses for longer than ``quiet_s``
+without writing, while we have seen no write from it, can get its file delivered early; its
+close later delivers it again, and the daemon re-checks files anyway.
+
+The inotify watch limit (``fs.inotify.max_user_watches``): in recursive mode every folder
+needs a watch. If the inbox itself gets none, the whole inbox is polled. If only some
+sub-folders get none (watchdog skips those and carries on), those folders are listed every
+``poll_interval_s`` and their files follow the polling rules, while the rest of the inbox
+stays on inotify; a polled folder stays polled until the watch is rebuilt. Both cases log a
+warning naming the limit and how to raise it.
 
 ``on_ready`` may be called more than once for the same path (a rescan finds every file that
 is still in the inbox, a copier that closes and reopens fires several closes); the
@@ -32,17 +37,17 @@ daemon's queue deduplicates.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
+import inspect
 import logging
 import os
 import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -56,14 +61,13 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
 from segd.config import WatchConfig
+from segd.core.readiness import Mode, Readiness, Signature
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["inotify", "polling"]
 
 # How long `stop()` waits for each thread. Every thread here wakes on an event or a pipe, so
 # this is a safety bound, not the expected time.
@@ -110,14 +114,12 @@ def scan_inbox(inbox: Path, *, recursive: bool, patterns: Sequence[str]) -> Iter
     sockets, devices: opening a FIFO would hang the daemon). Raises OSError if the inbox
     itself cannot be listed; unreadable subfolders are skipped.
     """
-    for path, _st in _scan(inbox, recursive=recursive, patterns=patterns):
+    for path, _sig in _scan(inbox, recursive=recursive, patterns=patterns):
         yield path
 
 
-def _scan(
-    inbox: Path, *, recursive: bool, patterns: Sequence[str]
-) -> list[tuple[Path, os.stat_result]]:
-    found: list[tuple[Path, os.stat_result]] = []
+def _scan(inbox: Path, *, recursive: bool, patterns: Sequence[str]) -> list[tuple[Path, Signature]]:
+    found: list[tuple[Path, Signature]] = []
     pending_dirs = [inbox]
     while pending_dirs:
         folder = pending_dirs.pop()
@@ -136,19 +138,115 @@ def _scan(
             except OSError:  # vanished between listing and stat
                 continue
             if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                found.append((Path(entry.path), st))
+                found.append((Path(entry.path), _signature(st)))
             elif stat.S_ISDIR(st.st_mode) and recursive:
                 pending_dirs.append(Path(entry.path))
-    found.sort(key=lambda item: (item[1].st_mtime_ns, str(item[0])))
+    found.sort(key=lambda item: (item[1].mtime_ns, str(item[0])))
     return found
 
 
-@dataclass
-class _Pending:
-    """A file waiting out its quiet period."""
+def _signature(st: os.stat_result) -> Signature:
+    return Signature(st.st_size, st.st_mtime_ns, st.st_ino)
 
-    signature: tuple[int, int, int] | None  # (size, mtime_ns, inode); None = not stat'ed yet
-    stable_since: float  # time.monotonic() of the first observation of `signature`
+
+def _lstat_signature(path: Path) -> Signature | None:
+    """The signature of a regular file or symlink; None if gone or anything else."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        return None
+    return _signature(st)
+
+
+def _sysctl(name: str) -> str:
+    """``fs.inotify.NAME = VALUE`` for a log line, without the value if it cannot be read,
+    plus the user namespace's own lower limit where there is one (containers)."""
+    text = f"fs.inotify.{name}"
+    host = _read_limit(Path("/proc/sys/fs/inotify") / name)
+    if host is not None:
+        text += f" = {host}"
+    # user.max_inotify_{watches,instances}: the copy that applies in this user namespace.
+    own = _read_limit(Path("/proc/sys/user") / name.replace("max_user_", "max_inotify_"))
+    if own is not None and host is not None and own < host:
+        text += f", {own} in this user namespace"
+    return text
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _inotify_failure(root: Path, exc: BaseException) -> str:
+    """Why the inbox cannot be watched with inotify, and what to do about it."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code == errno.ENOSPC:
+        return (
+            f"inotify watch limit reached watching {root} ({_sysctl('max_user_watches')}); "
+            "polling the whole inbox instead. To use inotify, raise the limit "
+            "(sysctl -w fs.inotify.max_user_watches=..., kept in /etc/sysctl.d/) and restart"
+        )
+    if code == errno.EMFILE:
+        return (
+            f"inotify instance limit reached watching {root} ({_sysctl('max_user_instances')});"
+            " polling the whole inbox instead. To use inotify, raise the limit "
+            "(sysctl -w fs.inotify.max_user_instances=..., kept in /etc/sysctl.d/) and restart"
+        )
+    return f"inotify unavailable for {root} ({exc}); falling back to polling"
+
+
+def _inotify_observer(on_unwatched: Callable[[bytes], None]) -> BaseObserver:
+    """An inotify observer that calls ``on_unwatched(folder)`` for each folder that gets no
+    watch because the watch limit is reached (watchdog itself skips such sub-folders
+    silently)."""
+    from watchdog.observers.inotify import InotifyEmitter, InotifyFullEmitter, InotifyObserver
+
+    if "inotify_fd" not in inspect.signature(InotifyEmitter.__init__).parameters:
+        # watchdog before 7 has no such hook: there a folder refused at start fails the whole
+        # start (the inbox is then polled), and one refused later is left to the rescans.
+        return InotifyObserver(generate_full_events=True)
+    from watchdog.observers.inotify_c import (
+        CallbackId,
+        InotifyFD,
+        Mask,
+        WatchCallback,
+        WatchDescriptor,
+    )
+
+    class ReportingInotifyFD(InotifyFD):
+        def add_callback(
+            self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId
+        ) -> WatchDescriptor:
+            try:
+                return super().add_callback(path, mask, callback, id_)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    on_unwatched(path)
+                raise
+
+    class Observer(BaseObserver):
+        """watchdog's InotifyObserver, on the inotify instance above."""
+
+        def __init__(self) -> None:
+            self._fd = ReportingInotifyFD()
+            self._fd.start()
+            # Full events: a rename into the inbox from an unwatched place arrives as
+            # FileMovedEvent("", dest) instead of a FileCreatedEvent we could not tell from
+            # a fresh, still empty file; a move out arrives as FileMovedEvent(src, "").
+            super().__init__(
+                InotifyFullEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._fd
+            )
+
+        def on_thread_stop(self) -> None:
+            super().on_thread_stop()
+            self._fd.stop()
+            self._fd.join()
+
+    return Observer()
 
 
 class _Handler(FileSystemEventHandler):
@@ -177,7 +275,7 @@ class InboxWatcher:
         self._on_ready = on_ready
         # inotify exists only on Linux; elsewhere polling is the portable fallback.
         linux = sys.platform.startswith("linux")
-        self._mode: Mode = "inotify" if linux and not cfg.polling else "polling"
+        mode: Mode = "inotify" if linux and not cfg.polling else "polling"
         self._tick_s = min(max(cfg.quiet_s / 4, 0.05), 0.5)
         self._health_interval_s = (
             min(cfg.rescan_interval_s, _HEALTH_INTERVAL_S)
@@ -185,9 +283,14 @@ class InboxWatcher:
             else _HEALTH_INTERVAL_S
         )
 
-        self._lock = threading.Lock()  # guards _pending, _subtrees, _health_due
-        self._pending: dict[Path, _Pending] = {}
+        # Guards _ready, _subtrees, _unwatched, _health_due.
+        self._lock = threading.Lock()
+        self._ready = Readiness(
+            mode=mode, quiet_s=cfg.quiet_s, monotonic=time.monotonic, wall_ns=time.time_ns
+        )
         self._subtrees: list[Path] = []  # new folders to scan (recursive inotify mode)
+        self._unwatched: list[bytes] = []  # folders the watch limit left out, not yet polled
+        self._limit_logged = False
         self._health_due = 0.0
 
         # Guards the observer swap so that stop() and a health-check restart cannot interleave.
@@ -205,7 +308,19 @@ class InboxWatcher:
     @property
     def mode(self) -> str:
         """``"inotify"`` or ``"polling"``; polling also when inotify cannot start."""
-        return self._mode
+        return self._ready.mode
+
+    @property
+    def waiting(self) -> frozenset[Path]:
+        """The files waiting out their quiet period."""
+        with self._lock:
+            return self._ready.waiting
+
+    @property
+    def unwatched(self) -> frozenset[Path]:
+        """Folders that got no inotify watch (the watch limit) and are polled instead."""
+        with self._lock:
+            return self._ready.polled_folders
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -220,8 +335,10 @@ class InboxWatcher:
             self._inbox.mkdir(parents=True, exist_ok=True)
         with self._observer_lock:
             self._start_observer()
-        log.info("watching %s (%s, recursive=%s)", self._inbox, self._mode, self._cfg.recursive)
-        # The scan comes after the observer is running, so nothing falls between the two.
+        log.info("watching %s (%s, recursive=%s)", self._inbox, self.mode, self._cfg.recursive)
+        # The scan comes after the observer is running, so nothing falls between the two, and
+        # after the unwatched folders are known, so their files get the polling rules.
+        self._adopt_unwatched()
         self.rescan()
         self._health_due = time.monotonic() + self._health_interval_s
         self._ticker = threading.Thread(target=self._run_ticker, name="segd-watch", daemon=True)
@@ -240,8 +357,9 @@ class InboxWatcher:
         with self._observer_lock:
             self._stop_observer()
         with self._lock:
-            self._pending.clear()
+            self._ready.reset()
             self._subtrees.clear()
+            self._unwatched.clear()
 
     def rescan(self) -> None:
         """Scan the whole inbox and deliver (or start the quiet period for) every candidate."""
@@ -254,7 +372,9 @@ class InboxWatcher:
         except OSError as exc:
             log.warning("cannot scan inbox %s: %s", self._inbox, exc)
             return
-        self._consider_scanned(entries)
+        with self._lock:
+            ready = self._ready.scanned(entries)
+        self._deliver(ready)
 
     # -- the observer ----------------------------------------------------------------------
 
@@ -264,14 +384,17 @@ class InboxWatcher:
         st = os.stat(root)
         self._root = root
         self._root_id = (st.st_dev, st.st_ino)
-        if self._mode == "inotify":
+        self._limit_logged = False
+        if self._ready.mode == "inotify":
             try:
                 self._observer = self._make_inotify_observer(root)
                 return
             except (OSError, ImportError) as exc:
                 # ENOSPC (watch limit) or EMFILE (instance limit), or no inotify at all.
-                log.warning("inotify unavailable for %s (%s); falling back to polling", root, exc)
-                self._mode = "polling"
+                log.warning("%s", _inotify_failure(root, exc))
+                with self._lock:
+                    self._ready.reset("polling")
+                    self._unwatched.clear()
         observer = PollingObserverVFS(
             stat=os.lstat, listdir=os.scandir, polling_interval=self._cfg.poll_interval_s
         )
@@ -281,12 +404,7 @@ class InboxWatcher:
         self._observer = observer
 
     def _make_inotify_observer(self, root: Path) -> BaseObserver:
-        from watchdog.observers.inotify import InotifyObserver
-
-        # Full events: a rename into the inbox from an unwatched place arrives as
-        # FileMovedEvent("", dest) instead of a FileCreatedEvent we could not tell from a
-        # fresh, still empty file; a move out arrives as FileMovedEvent(src, "").
-        observer = InotifyObserver(generate_full_events=True)
+        observer = _inotify_observer(self._on_unwatched)
         try:
             observer.schedule(
                 _Handler(self),
@@ -368,14 +486,71 @@ class InboxWatcher:
                 return
             self._stop_observer()
             with self._lock:
-                self._pending.clear()
+                self._ready.reset()
+                self._unwatched.clear()
             try:
                 self._start_observer()
             except OSError as exc:
                 log.error("cannot watch inbox %s: %s; will retry", self._inbox, exc)
                 return
         # Whatever arrived while nobody was watching.
+        self._adopt_unwatched()
         self.rescan()
+
+    # -- folders without a watch -----------------------------------------------------------
+
+    def _on_unwatched(self, raw: bytes) -> None:
+        """A folder got no watch; called with watchdog's locks held, so only note it."""
+        with self._lock:
+            self._unwatched.append(raw)
+        self._wake.set()
+
+    def _adopt_unwatched(self) -> None:
+        """Start polling the folders reported since last time, and say so once."""
+        with self._lock:
+            reported, self._unwatched = self._unwatched, []
+            added = [
+                folder
+                for folder in (self._inbox_path(raw) for raw in reported)
+                if folder is not None and self._ready.poll_folder(folder)
+            ]
+            total = len(self._ready.polled_folders)
+        if not added:
+            return
+        if self._limit_logged:
+            log.info(
+                "%d more folder(s) in %s polled (no inotify watch left)", len(added), self._inbox
+            )
+            return
+        self._limit_logged = True
+        log.warning(
+            "inotify watch limit reached (%s): %d folder(s) in %s got no watch, e.g. %s; "
+            "polling them every %.1f s instead. To watch every folder, raise the limit "
+            "(sysctl -w fs.inotify.max_user_watches=..., kept in /etc/sysctl.d/) and restart",
+            _sysctl("max_user_watches"),
+            total,
+            self._inbox,
+            added[0],
+            self._cfg.poll_interval_s,
+        )
+
+    def _poll_unwatched(self) -> None:
+        """List every polled folder; new and changed files start their quiet period."""
+        with self._lock:
+            folders = sorted(self._ready.polled_folders)
+        for folder in folders:
+            try:
+                entries = _scan(folder, recursive=True, patterns=self._cfg.ignore)
+            except (FileNotFoundError, NotADirectoryError):
+                # Gone or moved: if it comes back, watchdog tries a watch again and reports it.
+                with self._lock:
+                    self._ready.unpoll_folder(folder)
+                continue
+            except OSError:
+                log.debug("cannot list polled folder %s", folder, exc_info=True)
+                continue
+            with self._lock:
+                self._ready.polled(folder, entries)
 
     # -- events (watchdog's dispatcher thread: keep it cheap) --------------------------------
 
@@ -384,35 +559,43 @@ class InboxWatcher:
             self._on_dir_event(event)
             return
         src = self._inbox_path(event.src_path) if event.src_path else None
+        dest = (
+            self._inbox_path(event.dest_path)
+            if isinstance(event, FileMovedEvent) and event.dest_path
+            else None
+        )
+        # A symlink is complete when created and gets no close event; the stat stays out of
+        # the lock.
+        symlink = (
+            src is not None
+            and isinstance(event, FileCreatedEvent)
+            and not event.is_synthetic
+            and self._ready.mode == "inotify"
+            and _is_symlink(event.src_path)
+        )
+        with self._lock:
+            ready = self._feed(event, src, dest, symlink=symlink)
+        self._deliver(ready)
+
+    def _feed(
+        self, event: FileSystemEvent, src: Path | None, dest: Path | None, *, symlink: bool
+    ) -> list[Path]:
+        """Feed one file event to the readiness rules. Needs _lock."""
         if isinstance(event, FileMovedEvent):
             if src is not None:
-                self._forget(src)
-            dest = self._inbox_path(event.dest_path) if event.dest_path else None
-            if dest is None:
-                return  # moved out of the inbox, or to an ignored / out-of-scope name
-            if self._mode == "inotify":
-                self._deliver(dest)
-            else:
-                self._track(dest)
-            return
+                self._ready.deleted(src)
+            # None: moved out of the inbox, or to an ignored / out-of-scope name.
+            return self._ready.moved_in(dest) if dest is not None else []
         if src is None:
-            return
+            return []
         if isinstance(event, FileDeletedEvent):
-            self._forget(src)
-        elif self._mode == "polling":
-            if isinstance(event, FileCreatedEvent | FileModifiedEvent):
-                self._track(src)
-        elif isinstance(event, FileClosedEvent):
-            self._deliver(src)
-        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
-            # A writer is active: its close will deliver the file, so a scan's quiet-period
-            # fallback for it must not fire mid-write.
-            self._forget(src)
-            if isinstance(event, FileCreatedEvent) and not event.is_synthetic:
-                # A symlink is complete when created and gets no close event.
-                with contextlib.suppress(OSError):
-                    if stat.S_ISLNK(os.lstat(event.src_path).st_mode):
-                        self._deliver(src)
+            self._ready.deleted(src)
+            return []
+        if isinstance(event, FileClosedEvent):
+            return self._ready.closed(src)
+        if isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            return self._ready.written(src, symlink=symlink)
+        return []
 
     def _on_dir_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, DirDeletedEvent) and os.path.normpath(event.src_path) == str(
@@ -426,7 +609,7 @@ class InboxWatcher:
                     self._missing_since = now
                 self._health_due = min(self._health_due, now + _DELETED_GRACE_S)
             return
-        if self._mode != "inotify" or not self._cfg.recursive:
+        if self._ready.mode != "inotify" or not self._cfg.recursive:
             return  # polling snapshots report the files of a new folder one by one
         if isinstance(event, DirCreatedEvent):
             target = self._inbox_path(event.src_path)
@@ -456,79 +639,45 @@ class InboxWatcher:
 
     # -- delivery and the quiet period ----------------------------------------------------
 
-    def _deliver(self, path: Path) -> None:
-        with self._lock:
-            self._pending.pop(path, None)
-        log.debug("ready: %s", path)
-        try:
-            self._on_ready(path)
-        except Exception:
-            # Runs on watchdog's or our own thread; an escaping exception would kill it.
-            log.exception("on_ready failed for %s", path)
-
-    def _forget(self, path: Path) -> None:
-        with self._lock:
-            self._pending.pop(path, None)
-
-    def _track(self, path: Path, signature: tuple[int, int, int] | None = None) -> None:
-        """Start the quiet period for `path` unless it is already running."""
-        with self._lock:
-            if path not in self._pending:
-                self._pending[path] = _Pending(signature, time.monotonic())
-
-    def _consider_scanned(self, entries: list[tuple[Path, os.stat_result]]) -> None:
-        now_ns = time.time_ns()
-        quiet_ns = int(self._cfg.quiet_s * 1e9)
-        for path, st in entries:
-            signature = (st.st_size, st.st_mtime_ns, st.st_ino)
-            if self._mode == "inotify" and now_ns - st.st_mtime_ns >= quiet_ns:
-                self._deliver(path)
-            else:
-                # A future mtime (clock skew) counts as recent: the quiet period decides.
-                self._track(path, signature)
+    def _deliver(self, paths: Iterable[Path]) -> None:
+        for path in paths:
+            log.debug("ready: %s", path)
+            try:
+                self._on_ready(path)
+            except Exception:
+                # Runs on watchdog's or our own thread; an escaping exception would kill it.
+                log.exception("on_ready failed for %s", path)
 
     def _check_quiet(self) -> None:
         with self._lock:
-            snapshot = list(self._pending.items())
-        if not snapshot:
+            check = self._ready.begin_check()
+        if not check.entries:
             return
-        now = time.monotonic()
-        ready: list[Path] = []
-        for path, entry in snapshot:
-            try:
-                st = os.lstat(path)
-            except OSError:
-                self._forget(path)
-                continue
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                self._forget(path)
-                continue
-            signature = (st.st_size, st.st_mtime_ns, st.st_ino)
-            with self._lock:
-                current = self._pending.get(path)
-                if current is not entry:
-                    continue  # delivered or forgotten meanwhile
-                if signature != entry.signature:
-                    self._pending[path] = _Pending(signature, now)
-                elif now - entry.stable_since >= self._cfg.quiet_s:
-                    ready.append(path)
-        for path in ready:
-            self._deliver(path)
+        # The stats run without the lock: on a network share each one can take a while.
+        observed = {path: _lstat_signature(path) for path in check.paths}
+        with self._lock:
+            ready = self._ready.finish_check(check, observed)
+        self._deliver(ready)
 
     # -- the timer thread -----------------------------------------------------------------
 
     def _run_ticker(self) -> None:
         interval = self._cfg.rescan_interval_s
         next_rescan = time.monotonic() + interval if interval > 0 else float("inf")
+        next_poll = time.monotonic() + self._cfg.poll_interval_s
         while not self._stopping.is_set():
             self._wake.wait(self._tick_s)
             self._wake.clear()
             if self._stopping.is_set():
                 break
             try:
+                self._adopt_unwatched()
                 self._scan_subtrees()
-                self._check_quiet()
                 now = time.monotonic()
+                if now >= next_poll:
+                    next_poll = now + self._cfg.poll_interval_s
+                    self._poll_unwatched()
+                self._check_quiet()
                 with self._lock:
                     health_due = self._health_due <= now
                     if health_due:
@@ -549,4 +698,13 @@ class InboxWatcher:
                 entries = _scan(folder, recursive=True, patterns=self._cfg.ignore)
             except OSError:
                 continue  # gone again
-            self._consider_scanned(entries)
+            with self._lock:
+                ready = self._ready.scanned(entries)
+            self._deliver(ready)
+
+
+def _is_symlink(raw: str | bytes) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(raw).st_mode)
+    except OSError:
+        return False
