@@ -155,6 +155,38 @@ def test_three_embeddings_try_k_two_only() -> None:
     assert_consistent(result, x)
 
 
+@pytest.mark.filterwarnings("ignore:Number of distinct clusters")
+def test_identical_embeddings_score_as_the_worst_clustering() -> None:
+    # KMeans finds one distinct cluster whatever k it is asked for: the silhouette is not
+    # defined there, and such a labelling must score the worst possible (-1), never 1.
+    x = np.tile(unit(np.random.default_rng(7).standard_normal(SMALL)), (12, 1))
+    result = fit(x, FitParams(k_max=5))
+    assert result.scores == {2: -1.0, 3: -1.0, 4: -1.0, 5: -1.0}
+    assert result.silhouette == -1.0
+    fixed = fit(x, FitParams(k=2))
+    assert fixed.silhouette == -1.0
+
+
+def test_a_one_cluster_labelling_never_wins_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three clear blobs; the KMeans run for k = 4 collapses to a single label. Scored -1 it
+    # loses to the real k = 3; scored as a perfect 1.0 it would be chosen.
+    real = cluster._kmeans
+
+    class Collapsed:
+        def fit_predict(self, z: np.ndarray) -> np.ndarray:
+            return np.zeros(len(z), dtype=np.int32)
+
+    def kmeans(k: int, n: int, params: FitParams) -> object:
+        return Collapsed() if k == 4 else real(k, n, params)
+
+    monkeypatch.setattr(cluster, "_kmeans", kmeans)
+    x, labels, _ = blobs(3, 30, seed=8, dim=SMALL)
+    result = fit(x, FitParams(k_max=5))
+    assert result.scores[4] == -1.0
+    assert result.k == 3
+    assert_found(result, labels)
+
+
 def test_fewer_than_two_embeddings_refused() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         fit(np.ones((1, DIM), np.float32), FitParams())

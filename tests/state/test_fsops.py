@@ -149,6 +149,25 @@ def test_link_no_clobber_without_hard_links(tmp_path: Path,
     assert (dest / "img.jpg").read_bytes() == b"old"
 
 
+def test_link_no_clobber_without_hard_links_keeps_a_dangling_symlink(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fallback's rename(2) would silently replace a symlink at the name, and a dangling
+    # one does not "exist" to Path.exists(): it must still count as taken.
+    def no_link(*_a: object, **_k: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    src = write(tmp_path / "a" / "img.jpg", b"new")
+    dest = tmp_path / "b"
+    dest.mkdir()
+    (dest / "img.jpg").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setattr(fsops.os, "link", no_link)
+    got = fsops.link_no_clobber(src, dest, "img.jpg")
+    assert got == dest / "img (2).jpg"
+    assert got.read_bytes() == b"new"
+    assert (dest / "img.jpg").is_symlink()
+    assert os.readlink(dest / "img.jpg") == str(tmp_path / "nowhere")
+
+
 def test_link_no_clobber_other_errors_propagate(tmp_path: Path) -> None:
     src = write(tmp_path / "a" / "img.jpg", b"new")
     with pytest.raises(FileNotFoundError):
