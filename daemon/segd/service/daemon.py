@@ -2,8 +2,9 @@
 
 Threads and what they own:
 - main: signals, the systemd watchdog and STATUS, refit triggers, config reloads;
-- intake: the pipeline (decoding on a thread pool, the network on full or flushed batches),
-  then assignment and the journaled move of each file;
+- intake: the pipeline (decoding on a thread pool, the network on full or flushed batches);
+- filing: assignment and the journaled moves of each embedded batch, in batch order, so the
+  network never waits for the disk (at most `FILING_BACKLOG` batches wait between them);
 - refit: fits off the intake path, then swaps the clusters in under `intake_lock`;
 - watcher and control server threads, which only enqueue work or call `handle_control`.
 """
@@ -14,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -47,6 +49,9 @@ log = logging.getLogger("segd.daemon")
 
 STATUS_EVERY_S = 10.0
 REFIT_RETRY_S = 60.0
+# Embedded batches waiting for the filing thread: two keep the network busy while one batch
+# is filed, and bound how much work a stop (or a crash) leaves unfiled in the inbox.
+FILING_BACKLOG = 2
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Daemon:
         self.embedder = embedder
         self.store = store
         self.queue = WorkQueue()
+        self.filing: queue.Queue[list[Embedded[Arrival]] | None] = queue.Queue(FILING_BACKLOG)
         self.counters = Counters()
         self.intake_lock = threading.Lock()  # assignment + move vs. the refit swap
         self.refit_lock = threading.Lock()  # one refit at a time
@@ -126,10 +132,21 @@ class Daemon:
         try:
             for batch in embed_stream(self._arrivals(), self._load, self.embedder.embed,
                                       batch_size=self.config.model.batch_size, workers=workers):
-                self._handle_batch(batch)
+                self.filing.put(batch)
         except Exception:  # pragma: no cover - a bug; logged, and the daemon stops cleanly
             log.exception("intake stopped by an unexpected error")
             self.stopping.set()
+        finally:
+            self.filing.put(None)
+
+    def filing_loop(self) -> None:
+        """File embedded batches in the order the network produced them, until intake ends."""
+        while (batch := self.filing.get()) is not None:
+            try:
+                self._handle_batch(batch)
+            except Exception:  # pragma: no cover - a bug; logged, and the daemon stops cleanly
+                log.exception("filing stopped by an unexpected error")
+                self.stopping.set()
 
     def _handle_batch(self, batch: list[Embedded[Arrival]]) -> None:
         accepted = []
@@ -391,6 +408,8 @@ class Daemon:
 
     def serve(self) -> int:
         intake = threading.Thread(target=self.intake_loop, name="segd-intake", daemon=True)
+        filing = threading.Thread(target=self.filing_loop, name="segd-filing", daemon=True)
+        filing.start()
         intake.start()
         self.watcher.start()  # start-up scan: files already in the inbox are queued now
         log.info("watching %s (%s) -> %s; %s", self.config.inbox, self.watcher.mode,
@@ -414,6 +433,7 @@ class Daemon:
         self.watcher.stop()
         self.queue.close()
         intake.join()
+        filing.join()
         if self.refit_thread is not None:
             # A fit polls `stopping` between its steps and gives up, so this waits for one
             # step; an apply already under way finishes (its moves are journaled).
