@@ -405,7 +405,7 @@ def _make_v1(db: Path) -> None:
 
 def test_migrates_a_v1_database(db: Path) -> None:
     _make_v1(db)
-    with pytest.raises(StoreError, match="version 1 and needs migrating to 2"):
+    with pytest.raises(StoreError, match=f"1 and needs migrating to {schema.SCHEMA_VERSION}"):
         open_store(db, readonly=True)
     with open_store(db) as store:
         row = store.get_image(1)
@@ -423,7 +423,7 @@ def test_migrates_a_v1_database(db: Path) -> None:
         assert moved.filing == Filing.sorted_into(1, 0.5)
         assert store.integrity_check() == "ok"
     raw = sqlite3.connect(db)
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 2
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
     assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
     raw.close()
     assert _mode(db) == 0o600
@@ -435,7 +435,7 @@ def test_refuses_newer_and_foreign_databases(db: Path, tmp_path: Path) -> None:
     raw.execute("PRAGMA user_version = 99")
     raw.close()
     for ro in (False, True):
-        with pytest.raises(StoreError, match=r"version 99.*up to version 2"):
+        with pytest.raises(StoreError, match=rf"version 99.*up to version {schema.SCHEMA_VERSION}"):
             open_store(db, readonly=ro)
 
     other = tmp_path / "other.db"

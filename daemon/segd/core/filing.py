@@ -23,10 +23,15 @@ class Filing:
     cluster_id: int | None = None
     distance: float | None = None  # to the cluster's centroid, when it was assigned
     reason: str | None = None  # why a file was set aside
+    # Placed by the user (moved into this cluster's folder, or into a folder the user made):
+    # the cluster is the user's choice and no refit moves the file again.
+    pinned: bool = False
 
     def __post_init__(self) -> None:
         if self.state not in IMAGE_STATES:
             raise ValueError(f"invalid state {self.state!r}, expected one of {IMAGE_STATES}")
+        if self.pinned and (self.state != "sorted" or self.cluster_id is None):
+            raise ValueError("only a file sorted into a cluster can be pinned")
 
     @classmethod
     def pending(cls) -> Filing:
@@ -37,6 +42,11 @@ class Filing:
     def sorted_into(cls, cluster_id: int, distance: float) -> Filing:
         """Filed into a cluster's folder, at ``distance`` from its centroid."""
         return cls("sorted", cluster_id, distance)
+
+    @classmethod
+    def pinned_to(cls, cluster_id: int, distance: float | None) -> Filing:
+        """Placed in a cluster's folder by the user: it stays there whatever a refit finds."""
+        return cls("sorted", cluster_id, distance, pinned=True)
 
     @classmethod
     def quarantined(cls, reason: str) -> Filing:

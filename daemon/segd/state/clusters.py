@@ -15,8 +15,9 @@ import numpy as np
 from segd.core.errors import StoreError
 from segd.state.db import Database, abs_path
 
-_CLUSTER_COLS: Final = "id, folder, centroid, size, created_at, retired_at"
-_CLUSTER_UPDATABLE: Final = frozenset({"folder", "centroid", "size", "retired_at"})
+_CLUSTER_COLS: Final = "id, folder, centroid, size, created_at, retired_at, origin"
+_CLUSTER_UPDATABLE: Final = frozenset({"folder", "centroid", "size", "retired_at", "origin"})
+CLUSTER_ORIGINS: Final = ("fit", "user")
 _FIT_COLS: Final = "id, at, n, k, silhouette, scores, moved, duration_s, trigger"
 
 
@@ -28,6 +29,7 @@ class ClusterRow:
     size: int
     created_at: float
     retired_at: float | None
+    origin: str = "fit"  # "user": a folder the user made; a refit keeps it
 
     @property
     def active(self) -> bool:
@@ -50,14 +52,18 @@ class FitRow:
 class ClusterTable(Database):
     """Reading and writing clusters and fits."""
 
-    def add_cluster(self, folder: str, centroid: np.ndarray, *, size: int = 0) -> int:
+    def add_cluster(
+        self, folder: str, centroid: np.ndarray, *, size: int = 0, origin: str = "fit"
+    ) -> int:
         what = f"add cluster {folder!r}"
         _check_folder(folder, what)
+        _check_origin(origin, what)
         blob = self._to_blob(centroid, what)
         with self._write(what) as conn:
             cur = conn.execute(
-                "INSERT INTO clusters(folder, centroid, size, created_at) VALUES (?, ?, ?, ?)",
-                (folder, blob, size, time.time()),
+                "INSERT INTO clusters(folder, centroid, size, created_at, origin) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (folder, blob, size, time.time(), origin),
             )
             return int(cur.lastrowid)  # type: ignore[arg-type]
 
@@ -77,7 +83,7 @@ class ClusterTable(Database):
         return [self._cluster(r) for r in rows]
 
     def update_cluster(self, cluster_id: int, **fields: Any) -> None:
-        """Change some of folder, centroid, size, retired_at (None un-retires).
+        """Change some of folder, centroid, size, retired_at (None un-retires), origin.
 
         TypeError for other names; StoreError if the cluster does not exist or the folder name
         is taken (folder names stay unique across retired clusters too, so a retired cluster's
@@ -94,6 +100,8 @@ class ClusterTable(Database):
             _check_folder(values["folder"], what)
         if "centroid" in values:
             values["centroid"] = self._to_blob(values["centroid"], what)
+        if "origin" in values:
+            _check_origin(values["origin"], what)
         sets = ", ".join(f"{k} = ?" for k in values)
         with self._write(what) as conn:
             cur = conn.execute(
@@ -150,7 +158,8 @@ class ClusterTable(Database):
         centroid = self._from_blob(r[2], f"cluster {r[0]} centroid")
         assert centroid is not None  # NOT NULL column
         return ClusterRow(
-            id=r[0], folder=r[1], centroid=centroid, size=r[3], created_at=r[4], retired_at=r[5]
+            id=r[0], folder=r[1], centroid=centroid, size=r[3], created_at=r[4], retired_at=r[5],
+            origin=r[6],
         )
 
     # ---- fits
@@ -203,3 +212,8 @@ def _check_folder(folder: str, what: str) -> None:
         or (os.altsep and os.altsep in folder)
     ):
         raise StoreError(f"{what}: invalid folder name {folder!r}")
+
+
+def _check_origin(origin: str, what: str) -> None:
+    if origin not in CLUSTER_ORIGINS:
+        raise StoreError(f"{what}: invalid origin {origin!r}, expected one of {CLUSTER_ORIGINS}")

@@ -18,7 +18,7 @@ from segd.state.db import EMB_DTYPE, Database, abs_path, text_from_db, text_to_d
 _PAGE_ROWS: Final = 1024  # rows per query when iterating image rows
 _IMAGE_COLS: Final = (
     "id, sha256, original_name, path, state, cluster_id, distance, embedding, reason, "
-    "added_at, updated_at"
+    "added_at, updated_at, pinned, file_id, file_size"
 )
 # Filing's fields are images columns of the same names: a field added there is written too.
 _FILING_COLS: Final = tuple(f.name for f in fields(Filing))
@@ -38,6 +38,9 @@ class ImageRow:
     reason: str | None
     added_at: float
     updated_at: float
+    pinned: bool = False
+    file_id: str | None = None  # st_dev:st_ino at the last library scan
+    file_size: int | None = None
 
     @property
     def filing(self) -> Filing:
@@ -176,6 +179,39 @@ class ImageTable(Database):
                 return
             last = page[-1].id
 
+    def pinned_clusters(self, ids: np.ndarray) -> np.ndarray:
+        """For each image id in ``ids``: the cluster it is pinned to, or -1 where it is not
+        pinned (or unknown). int64, aligned with ``ids`` (e.g. iter_embedding_chunks' ids)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        with self._guard("read pinned images") as conn:
+            rows = conn.execute(
+                "SELECT id, cluster_id FROM images WHERE pinned = 1 ORDER BY id"
+            ).fetchall()
+        out = np.full(len(ids), -1, dtype=np.int64)
+        if rows:
+            pinned_ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            clusters = np.fromiter((r[1] for r in rows), np.int64, len(rows))
+            pos = np.searchsorted(pinned_ids, ids)
+            pos[pos == len(pinned_ids)] = 0
+            hit = pinned_ids[pos] == ids
+            out[hit] = clusters[pos[hit]]
+        return out
+
+    def pinned_mask(self, ids: np.ndarray) -> np.ndarray:
+        """True where the image of that id is pinned: the rows a refit must not move."""
+        return self.pinned_clusters(ids) >= 0
+
+    def record_file_ids(self, seen: list[tuple[int, str, int]]) -> None:
+        """Remember (image_id, st_dev:st_ino, size) of files a library scan saw at their
+        stored paths: a file later moved to a folder segd does not know is found by them."""
+        if not seen:
+            return
+        with self._write(f"record {len(seen)} file identities") as conn:
+            conn.executemany(
+                "UPDATE images SET file_id = ?, file_size = ? WHERE id = ?",
+                [(fid, size, iid) for iid, fid, size in seen],
+            )
+
     def count_by_state(self) -> dict[str, int]:
         """Image count per state; every state is present, zero when empty."""
         with self._guard("count images") as conn:
@@ -257,6 +293,9 @@ class ImageTable(Database):
             reason=r[8],
             added_at=r[9],
             updated_at=r[10],
+            pinned=bool(r[11]),
+            file_id=r[12],
+            file_size=r[13],
         )
 
 

@@ -89,7 +89,7 @@ def filing_after_move(store: Store, config: Config, move: MoveRow, image: ImageR
     does not tell (the distance, a reason) stays as the image had it."""
     parent = move.dst.parent
     if parent == config.quarantine:
-        return replace(image.filing, state="quarantined")
+        return replace(image.filing, state="quarantined", pinned=False)
     if parent.parent == config.library:
         for cluster in store.clusters(active_only=False):
             if cluster.folder == parent.name:

@@ -92,11 +92,71 @@ def _m2_move_journal(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX moves_image ON moves(image_id)")
 
 
+def _m3_corrections(conn: sqlite3.Connection) -> None:
+    for sql in (
+        # A pinned image was placed by the user (moved between folders, or put in a folder
+        # the user made): its cluster is the folder's, and no refit moves it again.
+        "ALTER TABLE images ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0 "
+        "CHECK (pinned IN (0, 1))",
+        # The file's identity (st_dev:st_ino) and size as the last library scan saw them:
+        # a file the user moved to a folder segd does not know is found again by them.
+        "ALTER TABLE images ADD COLUMN file_id TEXT",
+        "ALTER TABLE images ADD COLUMN file_size INTEGER",
+        "CREATE INDEX images_pinned ON images(id) WHERE pinned = 1",
+        # 'user': a folder the user made became this cluster; a refit keeps it.
+        "ALTER TABLE clusters ADD COLUMN origin TEXT NOT NULL DEFAULT 'fit' "
+        "CHECK (origin IN ('fit', 'user'))",
+        # The refit a journaled move belongs to (NULL for intake, quarantine and undo moves).
+        "ALTER TABLE moves ADD COLUMN refit_id INTEGER",
+        # One undo point per applied refit: the clusters as they were, and every move made.
+        """CREATE TABLE refits (
+               id          INTEGER PRIMARY KEY AUTOINCREMENT,
+               started_at  REAL NOT NULL,
+               finished_at REAL,
+               undone_at   REAL
+           )""",
+        """CREATE TABLE refit_clusters (
+               refit_id   INTEGER NOT NULL REFERENCES refits(id) ON DELETE CASCADE,
+               cluster_id INTEGER NOT NULL,
+               folder     TEXT NOT NULL,
+               centroid   BLOB NOT NULL,
+               size       INTEGER NOT NULL,
+               retired_at REAL,
+               origin     TEXT NOT NULL,
+               PRIMARY KEY (refit_id, cluster_id)
+           )""",
+        # The image's filing before the move, so undo restores it exactly.
+        """CREATE TABLE refit_moves (
+               id           INTEGER PRIMARY KEY,
+               refit_id     INTEGER NOT NULL REFERENCES refits(id) ON DELETE CASCADE,
+               image_id     INTEGER REFERENCES images(id) ON DELETE SET NULL,
+               src          TEXT NOT NULL,
+               dst          TEXT NOT NULL,
+               old_state    TEXT NOT NULL,
+               old_cluster  INTEGER,
+               old_distance REAL,
+               old_reason   TEXT,
+               at           REAL NOT NULL
+           )""",
+        "CREATE INDEX refit_moves_refit ON refit_moves(refit_id)",
+        # What the user did in the library, as segd followed it: the "why" of a pin.
+        """CREATE TABLE corrections (
+               id         INTEGER PRIMARY KEY,
+               at         REAL NOT NULL,
+               kind       TEXT NOT NULL,
+               image_id   INTEGER REFERENCES images(id) ON DELETE CASCADE,
+               cluster_id INTEGER,
+               detail     TEXT NOT NULL
+           )""",
+        "CREATE INDEX corrections_image ON corrections(image_id)",
+    ):
+        conn.execute(sql)
+
+
 # Append only: position i holds the step from version i to i + 1. Never edit a shipped step;
 # databases in the field have already run it.
-MIGRATIONS: Final[tuple[Migration, ...]] = (_m1_initial, _m2_move_journal)
+MIGRATIONS: Final[tuple[Migration, ...]] = (_m1_initial, _m2_move_journal, _m3_corrections)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
-
 
 
 # --------------------------------------------------------------------------- opening checks
