@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 from segd.config import WatchConfig
-from segd.service.watcher import InboxWatcher, is_ignored, scan_inbox
+from segd.service.inbox_scan import is_ignored, scan_inbox
+from segd.service.watcher import InboxWatcher
 
 LINUX = sys.platform.startswith("linux")
 needs_inotify = pytest.mark.skipif(not LINUX, reason="inotify is Linux-only")

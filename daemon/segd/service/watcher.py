@@ -37,16 +37,13 @@ daemon's queue deduplicates.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fnmatch
-import inspect
 import logging
 import os
 import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from watchdog.events import (
@@ -61,11 +58,17 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
+from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
 from segd.config import WatchConfig
-from segd.core.readiness import Mode, Readiness, Signature
+from segd.core.readiness import Mode, Readiness
+from segd.service.inbox_scan import is_ignored, lstat_signature, scan_with_signatures
+from segd.service.inotify_limits import (
+    inotify_failure,
+    reporting_inotify_observer,
+    sysctl_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,160 +96,6 @@ _INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
     DirMovedEvent,
     DirDeletedEvent,
 ]
-
-
-def is_ignored(name: str, patterns: Sequence[str]) -> bool:
-    """Whether a basename matches one of the ignore patterns (temporary and hidden names).
-
-    Matching is case-insensitive: Windows tools over SMB write ``.TMP`` and ``.PART`` too,
-    and no photo is named like a temporary file.
-    """
-    lowered = name.lower()
-    return any(fnmatch.fnmatchcase(lowered, pattern.lower()) for pattern in patterns)
-
-
-def scan_inbox(inbox: Path, *, recursive: bool, patterns: Sequence[str]) -> Iterator[Path]:
-    """The candidate files in the inbox, oldest mtime first, then by path.
-
-    Yields regular files and symlinks (the daemon quarantines symlinks, so it must see them;
-    a symlinked directory is never descended into). Skips ignored names, including whole
-    ignored subfolders such as ``.thumbnails``, and anything that is not a file (FIFOs,
-    sockets, devices: opening a FIFO would hang the daemon). Raises OSError if the inbox
-    itself cannot be listed; unreadable subfolders are skipped.
-    """
-    for path, _sig in _scan(inbox, recursive=recursive, patterns=patterns):
-        yield path
-
-
-def _scan(inbox: Path, *, recursive: bool, patterns: Sequence[str]) -> list[tuple[Path, Signature]]:
-    found: list[tuple[Path, Signature]] = []
-    pending_dirs = [inbox]
-    while pending_dirs:
-        folder = pending_dirs.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            if folder == inbox:
-                raise
-            log.debug("cannot list %s, skipping it", folder, exc_info=True)
-            continue
-        for entry in entries:
-            if is_ignored(entry.name, patterns):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:  # vanished between listing and stat
-                continue
-            if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                found.append((Path(entry.path), _signature(st)))
-            elif stat.S_ISDIR(st.st_mode) and recursive:
-                pending_dirs.append(Path(entry.path))
-    found.sort(key=lambda item: (item[1].mtime_ns, str(item[0])))
-    return found
-
-
-def _signature(st: os.stat_result) -> Signature:
-    return Signature(st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def _lstat_signature(path: Path) -> Signature | None:
-    """The signature of a regular file or symlink; None if gone or anything else."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-        return None
-    return _signature(st)
-
-
-def _sysctl(name: str) -> str:
-    """``fs.inotify.NAME = VALUE`` for a log line, without the value if it cannot be read,
-    plus the user namespace's own lower limit where there is one (containers)."""
-    text = f"fs.inotify.{name}"
-    host = _read_limit(Path("/proc/sys/fs/inotify") / name)
-    if host is not None:
-        text += f" = {host}"
-    # user.max_inotify_{watches,instances}: the copy that applies in this user namespace.
-    own = _read_limit(Path("/proc/sys/user") / name.replace("max_user_", "max_inotify_"))
-    if own is not None and host is not None and own < host:
-        text += f", {own} in this user namespace"
-    return text
-
-
-def _read_limit(path: Path) -> int | None:
-    try:
-        return int(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _inotify_failure(root: Path, exc: BaseException) -> str:
-    """Why the inbox cannot be watched with inotify, and what to do about it."""
-    code = exc.errno if isinstance(exc, OSError) else None
-    if code == errno.ENOSPC:
-        return (
-            f"inotify watch limit reached watching {root} ({_sysctl('max_user_watches')}); "
-            "polling the whole inbox instead. To use inotify, raise the limit "
-            "(sysctl -w fs.inotify.max_user_watches=..., kept in /etc/sysctl.d/) and restart"
-        )
-    if code == errno.EMFILE:
-        return (
-            f"inotify instance limit reached watching {root} ({_sysctl('max_user_instances')});"
-            " polling the whole inbox instead. To use inotify, raise the limit "
-            "(sysctl -w fs.inotify.max_user_instances=..., kept in /etc/sysctl.d/) and restart"
-        )
-    return f"inotify unavailable for {root} ({exc}); falling back to polling"
-
-
-def _inotify_observer(on_unwatched: Callable[[bytes], None]) -> BaseObserver:
-    """An inotify observer that calls ``on_unwatched(folder)`` for each folder that gets no
-    watch because the watch limit is reached (watchdog itself skips such sub-folders
-    silently)."""
-    from watchdog.observers.inotify import InotifyEmitter, InotifyFullEmitter, InotifyObserver
-
-    if "inotify_fd" not in inspect.signature(InotifyEmitter.__init__).parameters:
-        # watchdog before 7 has no such hook: there a folder refused at start fails the whole
-        # start (the inbox is then polled), and one refused later is left to the rescans.
-        return InotifyObserver(generate_full_events=True)
-    from watchdog.observers.inotify_c import (
-        CallbackId,
-        InotifyFD,
-        Mask,
-        WatchCallback,
-        WatchDescriptor,
-    )
-
-    class ReportingInotifyFD(InotifyFD):
-        def add_callback(
-            self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId
-        ) -> WatchDescriptor:
-            try:
-                return super().add_callback(path, mask, callback, id_)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    on_unwatched(path)
-                raise
-
-    class Observer(BaseObserver):
-        """watchdog's InotifyObserver, on the inotify instance above."""
-
-        def __init__(self) -> None:
-            self._fd = ReportingInotifyFD()
-            self._fd.start()
-            # Full events: a rename into the inbox from an unwatched place arrives as
-            # FileMovedEvent("", dest) instead of a FileCreatedEvent we could not tell from
-            # a fresh, still empty file; a move out arrives as FileMovedEvent(src, "").
-            super().__init__(
-                InotifyFullEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._fd
-            )
-
-        def on_thread_stop(self) -> None:
-            super().on_thread_stop()
-            self._fd.stop()
-            self._fd.join()
-
-    return Observer()
 
 
 class _Handler(FileSystemEventHandler):
@@ -364,7 +213,8 @@ class InboxWatcher:
     def rescan(self) -> None:
         """Scan the whole inbox and deliver (or start the quiet period for) every candidate."""
         try:
-            entries = _scan(self._inbox, recursive=self._cfg.recursive, patterns=self._cfg.ignore)
+            entries = scan_with_signatures(self._inbox, recursive=self._cfg.recursive,
+                                           patterns=self._cfg.ignore)
         except FileNotFoundError:
             # The health check recreates a missing inbox (and logs it) and scans again after.
             log.debug("inbox %s is missing, nothing to scan", self._inbox)
@@ -387,11 +237,11 @@ class InboxWatcher:
         self._limit_logged = False
         if self._ready.mode == "inotify":
             try:
-                self._observer = self._make_inotify_observer(root)
+                self._observer = self._makereporting_inotify_observer(root)
                 return
             except (OSError, ImportError) as exc:
                 # ENOSPC (watch limit) or EMFILE (instance limit), or no inotify at all.
-                log.warning("%s", _inotify_failure(root, exc))
+                log.warning("%s", inotify_failure(root, exc))
                 with self._lock:
                     self._ready.reset("polling")
                     self._unwatched.clear()
@@ -403,8 +253,8 @@ class InboxWatcher:
         observer.start()
         self._observer = observer
 
-    def _make_inotify_observer(self, root: Path) -> BaseObserver:
-        observer = _inotify_observer(self._on_unwatched)
+    def _makereporting_inotify_observer(self, root: Path) -> BaseObserver:
+        observer = reporting_inotify_observer(self._on_unwatched)
         try:
             observer.schedule(
                 _Handler(self),
@@ -527,7 +377,7 @@ class InboxWatcher:
             "inotify watch limit reached (%s): %d folder(s) in %s got no watch, e.g. %s; "
             "polling them every %.1f s instead. To watch every folder, raise the limit "
             "(sysctl -w fs.inotify.max_user_watches=..., kept in /etc/sysctl.d/) and restart",
-            _sysctl("max_user_watches"),
+            sysctl_text("max_user_watches"),
             total,
             self._inbox,
             added[0],
@@ -540,7 +390,7 @@ class InboxWatcher:
             folders = sorted(self._ready.polled_folders)
         for folder in folders:
             try:
-                entries = _scan(folder, recursive=True, patterns=self._cfg.ignore)
+                entries = scan_with_signatures(folder, recursive=True, patterns=self._cfg.ignore)
             except (FileNotFoundError, NotADirectoryError):
                 # Gone or moved: if it comes back, watchdog tries a watch again and reports it.
                 with self._lock:
@@ -654,7 +504,7 @@ class InboxWatcher:
         if not check.entries:
             return
         # The stats run without the lock: on a network share each one can take a while.
-        observed = {path: _lstat_signature(path) for path in check.paths}
+        observed = {path: lstat_signature(path) for path in check.paths}
         with self._lock:
             ready = self._ready.finish_check(check, observed)
         self._deliver(ready)
@@ -695,7 +545,7 @@ class InboxWatcher:
             folders, self._subtrees = self._subtrees, []
         for folder in folders:
             try:
-                entries = _scan(folder, recursive=True, patterns=self._cfg.ignore)
+                entries = scan_with_signatures(folder, recursive=True, patterns=self._cfg.ignore)
             except OSError:
                 continue  # gone again
             with self._lock:
