@@ -25,7 +25,7 @@ def quarantine_file(store: Store, config: Config, path: Path, error: ImageError,
     reason = f"{error.kind}: {error.reason}"
     created = image_id is None
     if image_id is None:
-        image_id = store.add_image("", _printable(path.name), path, "pending", reason=reason)
+        image_id = store.add_image("", escape_field(path.name), path, "pending", reason=reason)
     try:
         dest = journaled_move(store, MovePlan(image_id, path, config.quarantine, path.name,
                                               Filing.quarantined(reason)))
@@ -43,8 +43,8 @@ def quarantine_file(store: Store, config: Config, path: Path, error: ImageError,
 
 
 def _append_reason(folder: Path, name: str, reason: str) -> None:
-    line = "\t".join((time.strftime("%Y-%m-%d %H:%M:%S"), _printable(name),
-                      _printable(reason))) + "\n"
+    line = "\t".join((time.strftime("%Y-%m-%d %H:%M:%S"), escape_field(name),
+                      escape_field(reason))) + "\n"
     try:
         fd = os.open(folder / REASONS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT
                      | getattr(os, "O_NOFOLLOW", 0), 0o640)
@@ -54,7 +54,24 @@ def _append_reason(folder: Path, name: str, reason: str) -> None:
         log.warning("could not write %s: %s", folder / REASONS_FILE, exc)
 
 
-def _printable(text: str) -> str:
-    """Names may hold newlines, tabs or undecodable bytes; keep the TSV one line per file."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8").translate(
-        {ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def escape_field(text: str) -> str:
+    """One TSV field, one line per file, reversible: backslash, newline, tab and CR as
+    ``\\\\ \\n \\t \\r``; other control characters, and the bytes of a name that is not UTF-8
+    (read with surrogateescape), as ``\\xNN``; any other lone surrogate as ``\\uNNNN``."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
