@@ -14,6 +14,7 @@ from segd.config import Config
 from segd.service import control
 from segd.state.lock import read_lock_holder
 from segd.state.store import open_store
+from segd.views.quarantine_report import latest_quarantined, quarantine_lines
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,11 @@ def collect_status(config: Config) -> dict[str, Any]:
             counts = store.count_by_state()
             clusters = store.clusters(active_only=True)
             fit = store.last_fit()
+            quarantined = latest_quarantined(store.iter_images(state="quarantined"))
     finally:
         store.close()
     status["counts"] = counts
+    status["quarantine_latest"] = [e.to_dict() for e in quarantined]
     status["clusters"] = [{"id": c.id, "folder": c.folder, "size": c.size,
                            "path": str(config.library / c.folder)} for c in clusters]
     status["last_fit"] = None if fit is None else {
@@ -90,6 +93,8 @@ def status_command(config: Config, *, as_json: bool, overview: Path | None = Non
         return 0
     print(f"images:      {counts['sorted']} sorted, {counts['pending']} pending "
           f"(waiting in the inbox), {counts['quarantined']} quarantined")
+    for line in quarantine_lines(status["quarantine_latest"], counts["quarantined"]):
+        print(line)
     fit = status["last_fit"]
     if fit:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(fit["at"]))
