@@ -61,6 +61,7 @@ class ClusteringConfig:
     pca_dims: int = 32  # 0 = raw embeddings; keep it >= about 2 * k_max (docs/quality.md)
     refit_interval_s: float = 6 * 3600.0  # 0 = never on a timer
     refit_growth: float = 0.25  # refit once the collection grew by this fraction; 0 = off
+    settle_s: float = 10.0  # a growth refit (and the first fit) waits for the inbox this quiet
     on_refit: RefitAction = "move"
     match_max_distance: float = 0.8  # cosine distance beyond which a new cluster is new
 
@@ -264,6 +265,7 @@ def validate(config: Config) -> Config:
     need(c.pca_dims >= 0, "clustering.pca_dims", "must be 0 (off) or positive")
     need(c.refit_interval_s >= 0, "clustering.refit_interval_s", "must be 0 (off) or positive")
     need(c.refit_growth >= 0, "clustering.refit_growth", "must be 0 (off) or positive")
+    need(c.settle_s >= 0, "clustering.settle_s", "must be 0 or positive")
     need(0 < c.match_max_distance <= 2, "clustering.match_max_distance",
          "must be in (0, 2] (cosine distance)")
     need(w.poll_interval_s > 0, "watch.poll_interval_s", "must be positive")
