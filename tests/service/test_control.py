@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import stat
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_harness import python_as
 
 from segd.core.errors import ControlError, StoreError
 from segd.service import control
@@ -167,17 +172,23 @@ def test_slow_handler_is_waited_for(sock_path: Path) -> None:
 
 
 def test_client_timeout_is_a_control_error(sock_path: Path) -> None:
+    # The handler holds the answer until the client has given up, so the client's timeout
+    # is what ends the wait; the request itself must have got through (connect, send) and
+    # reached the handler, so the error is about the answer, whatever the machine's load.
+    reached = threading.Event()
     release = threading.Event()
 
     def handler(message: dict[str, Any]) -> dict[str, Any]:
-        release.wait(10)
+        reached.set()
+        release.wait(30)
         return {"ok": True}
 
     with ControlServer(sock_path, handler):
         try:
-            with pytest.raises(ControlError, match="no answer within") as info:
-                request(sock_path, {"cmd": "status"}, timeout=0.3)
+            with pytest.raises(ControlError, match="no answer within 1 s") as info:
+                request(sock_path, {"cmd": "status"}, timeout=1)
             assert not isinstance(info.value, DaemonNotRunning)
+            assert reached.wait(30), "the request never reached the handler"
         finally:
             release.set()
 
@@ -268,14 +279,89 @@ def test_status_answers_while_a_refit_runs(sock_path: Path) -> None:
         assert refit.result(timeout=10)["refit"] == "done"
 
 
-def test_other_users_are_refused(
-    server: ControlServer, sock_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A uid that is neither ours nor root, whoever runs the tests.
-    monkeypatch.setattr(control, "_peer_uid", lambda conn: 54321)
-    answer = request(sock_path, {"cmd": "status"}, timeout=10)
-    assert answer["ok"] is False
-    assert "permission denied" in answer["error"]
+# ---- who may connect: SO_PEERCRED of real connections from other users (tests run as root)
+
+# A request from a process of its own, printing the answer (or the client's error) as JSON.
+CLIENT = """
+import json, sys
+from segd.service import control
+try:
+    print(json.dumps(control.request(sys.argv[1], {"cmd": "status"}, timeout=30)))
+except control.ControlError as exc:
+    print(json.dumps({"client_error": str(exc)}))
+"""
+
+# A server of its own, answering with the uid it runs as; the socket is opened to everyone
+# by hand (mode 0666), so only the uid check stands between another user and the daemon.
+SERVER = """
+import os, sys
+from segd.service.control import ControlServer
+srv = ControlServer(sys.argv[1], lambda m: {"ok": True, "echo": m, "server_uid": os.geteuid()})
+srv.start()
+os.chmod(sys.argv[1], 0o666)
+print("ready", flush=True)
+sys.stdin.read()
+srv.stop()
+"""
+
+USER_A = (54321, 54331)  # uid, gid: no such user needs to exist
+USER_B = (54322, 54332)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder other users can reach (pytest's tmp_path is 0700 root)."""
+    folder = Path(tempfile.mkdtemp(prefix="segd-ctl-"))
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def ask_as(run_as: tuple[int, int], path: Path) -> dict[str, Any]:
+    client = python_as(run_as, CLIENT, str(path), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0, err
+    return json.loads(out)
+
+
+def test_another_users_connection_is_refused_by_its_credentials(shared_dir: Path) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def handler(message: dict[str, Any]) -> dict[str, Any]:
+        calls.append(message)
+        return {"ok": True}
+
+    path = shared_dir / "control.sock"
+    with ControlServer(path, handler):
+        os.chmod(path, 0o666)  # loosened by hand: the mode no longer keeps anyone out
+        answer = ask_as(USER_A, path)
+        assert answer == {"ok": False, "error":
+                          f"permission denied: uid {USER_A[0]} may not control this daemon"}
+        assert calls == []
+        assert request(path, {"cmd": "status"}, timeout=30) == {"ok": True}  # root, ours
+    assert calls == [{"cmd": "status"}]
+
+
+def test_same_user_and_root_are_accepted_others_refused(shared_dir: Path) -> None:
+    """A server running as user A answers user A and root, and refuses user B."""
+    os.chown(shared_dir, *USER_A)
+    path = shared_dir / "control.sock"
+    server = python_as(USER_A, SERVER, str(path), stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready", (
+            server.stderr.read() if server.stderr else "")
+        assert path.stat().st_uid == USER_A[0]
+        same = ask_as(USER_A, path)
+        assert same == {"ok": True, "echo": {"cmd": "status"}, "server_uid": USER_A[0]}
+        assert request(path, {"cmd": "status"}, timeout=30)["server_uid"] == USER_A[0]
+        other = ask_as(USER_B, path)
+        assert other == {"ok": False, "error":
+                         f"permission denied: uid {USER_B[0]} may not control this daemon"}
+    finally:
+        server.communicate("", timeout=60)
+    assert server.returncode == 0
 
 
 def test_peer_allowed() -> None:

@@ -116,6 +116,22 @@ def as_user(run_as: tuple[int, int] | None) -> list[str]:
             "--inh-caps=-all"]
 
 
+def python_as(run_as: tuple[int, int], code: str, *args: str,
+              **popen: Any) -> subprocess.Popen[str]:
+    """Start `python -c CODE ARGS` as (uid, gid) (see `as_user`); skip the test where this
+    process cannot switch users (not root, or no `setpriv`)."""
+    if os.geteuid() != 0:
+        import pytest
+        pytest.skip("running a process as another user needs root")
+    if shutil.which("setpriv") is None:
+        import pytest
+        pytest.skip("util-linux setpriv is not installed")
+    env = _env()
+    env["HOME"] = "/"
+    return subprocess.Popen([*as_user(run_as), sys.executable, "-c", code, *args], text=True,
+                            env=env, cwd="/", **popen)
+
+
 class DaemonProcess:
     """One `segd run` subprocess, restartable: each start appends a fresh log file.
 

@@ -220,16 +220,23 @@ class ControlServer:
         # anyway. SO_PEERCRED reports the credentials the client had when it connected,
         # which the client cannot forge.
         uid = _peer_uid(conn)
-        if uid is not None and not peer_allowed(uid, os.geteuid()):
-            log.warning("control socket: refused a client running as uid %d", uid)
-            return _error(f"permission denied: uid {uid} may not control this daemon")
         conn.settimeout(REQUEST_READ_TIMEOUT_S)
+        problem = None
+        raw = b""
         try:
             raw = _read_line(conn, MAX_REQUEST_BYTES)
         except TimeoutError:
-            return _error("timed out waiting for the request line")
+            problem = "timed out waiting for the request line"
         except ControlError as exc:
-            return _error(str(exc))
+            problem = str(exc)
+        # Refused only once the request is read: a unix socket closed with unread data makes
+        # the client's send fail (EPIPE) and its read too (ECONNRESET), so the client would
+        # never learn why it was turned away.
+        if uid is not None and not peer_allowed(uid, os.geteuid()):
+            log.warning("control socket: refused a client running as uid %d", uid)
+            return _error(f"permission denied: uid {uid} may not control this daemon")
+        if problem is not None:
+            return _error(problem)
         try:
             message = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as exc:
