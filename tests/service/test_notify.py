@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,8 +54,14 @@ def test_watchdog_and_stopping(listener: socket.socket) -> None:
     assert received(listener) == b"WATCHDOG=1"
     assert notify.stopping() is True
     assert received(listener) == b"STOPPING=1"
+    before = time.monotonic_ns() // 1000
     assert notify.reloading() is True
-    assert received(listener) == b"RELOADING=1"
+    after = time.monotonic_ns() // 1000
+    reload_msg = received(listener)
+    head, stamp = reload_msg.split(b"\n")
+    assert head == b"RELOADING=1"
+    assert stamp.startswith(b"MONOTONIC_USEC=")
+    assert before <= int(stamp.removeprefix(b"MONOTONIC_USEC=")) <= after
 
 
 def test_notify_joins_lines(listener: socket.socket) -> None:

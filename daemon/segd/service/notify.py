@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,12 @@ def stopping() -> bool:
 
 
 def reloading() -> bool:
-    """Tell systemd a configuration reload has begun; follow with ``ready()`` when done."""
-    return notify("RELOADING=1")
+    """Tell systemd a configuration reload has begun; follow with ``ready()`` when done.
+
+    ``MONOTONIC_USEC`` (CLOCK_MONOTONIC, which ``time.monotonic`` reads on Linux) lets a
+    ``Type=notify-reload`` unit tell this reload from an earlier one; older systemd ignores
+    it."""
+    return notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
 
 
 def watchdog_ping() -> bool:
