@@ -26,6 +26,7 @@ from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
 
 from segd.config import ClusteringConfig
+from segd.core import kmeans_large
 
 ChunkSource = Callable[[], Iterable[np.ndarray]]
 
@@ -158,7 +159,7 @@ def _fit_stream(read_chunks: ChunkSource, n: int, params: FitParams,
 
     if should_stop():
         raise FitCancelled
-    model = _kmeans(k, n, params).fit(z)
+    model = _final_fit(z, k, params)
     # Centroids live in the original space so that online assignment needs no projection;
     # a last pass re-labels every row against them, so the batch result and later
     # nearest-centroid assignments agree exactly.
@@ -285,3 +286,19 @@ def _assign_stream(read_chunks: ChunkSource,
 def chunked(x: np.ndarray, rows: int) -> Iterator[np.ndarray]:
     for i in range(0, len(x), rows):
         yield x[i:i + rows]
+
+
+# ---- The final fit over every row. Kept apart from the k selection above: only the size
+# ---- of the input decides between sklearn and the subset-then-refine fit.
+
+# Above this many rows the final fit starts from centroids fitted on a subset and refines
+# them over every row (core.kmeans_large): at 1e6 x 32, k = 10, 0.6 s against 7.5 s for
+# MiniBatchKMeans, with the same labels (docs/scale.md).
+LARGE_FIT_ABOVE = 100_000
+
+
+def _final_fit(z: np.ndarray, k: int,
+               params: FitParams) -> KMeans | MiniBatchKMeans | kmeans_large.LargeFit:
+    if len(z) > LARGE_FIT_ABOVE:
+        return kmeans_large.fit_large(z, k, seed=params.random_state, n_init=params.n_init)
+    return _kmeans(k, len(z), params).fit(z)
