@@ -48,6 +48,17 @@ class ImageRow:
         return Filing(**{name: getattr(self, name) for name in _FILING_COLS})
 
 
+@dataclass(frozen=True, slots=True)
+class Correction:
+    """One thing the user did in the library that segd followed."""
+
+    at: float
+    kind: str  # moved, added, folder, merged, emptied, deleted
+    image_id: int | None
+    cluster_id: int | None
+    detail: str
+
+
 class ImageTable(Database):
     """Reading and writing image rows."""
 
@@ -62,15 +73,18 @@ class ImageTable(Database):
         cluster_id: int | None = None,
         distance: float | None = None,
         reason: str | None = None,
+        pinned: bool = False,
     ) -> int:
         what = f"add image {path}"
         _check_state(state, what)
+        if pinned and (state != "sorted" or cluster_id is None):
+            raise StoreError(f"{what}: only a file sorted into a cluster can be pinned")
         blob = None if embedding is None else self._to_blob(embedding, what)
         now = time.time()
         with self._write(what) as conn:
             cur = conn.execute(
                 "INSERT INTO images(sha256, original_name, path, state, cluster_id, distance, "
-                "embedding, reason, added_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "embedding, reason, added_at, updated_at, pinned) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     sha256,
                     text_to_db(original_name),
@@ -82,6 +96,7 @@ class ImageTable(Database):
                     reason,
                     now,
                     now,
+                    pinned,
                 ),
             )
             return int(cur.lastrowid)  # type: ignore[arg-type]
@@ -211,6 +226,26 @@ class ImageTable(Database):
                 "UPDATE images SET file_id = ?, file_size = ? WHERE id = ?",
                 [(fid, size, iid) for iid, fid, size in seen],
             )
+
+    def record_correction(
+        self, image_id: int | None, kind: str, cluster_id: int | None, detail: str
+    ) -> None:
+        """Log one thing the user did that segd followed (the "why" `segd explain` gives)."""
+        with self._write(f"record correction {kind}") as conn:
+            conn.execute(
+                "INSERT INTO corrections(at, kind, image_id, cluster_id, detail) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (time.time(), kind, image_id, cluster_id, detail),
+            )
+
+    def corrections_of(self, image_id: int) -> list[Correction]:
+        """The corrections recorded for one image, oldest first."""
+        with self._guard(f"read corrections of image {image_id}") as conn:
+            rows = conn.execute(
+                "SELECT at, kind, image_id, cluster_id, detail FROM corrections "
+                "WHERE image_id = ? ORDER BY id", (image_id,)
+            ).fetchall()
+        return [Correction(*r) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
         """Image count per state; every state is present, zero when empty."""
