@@ -8,20 +8,19 @@ load, the driver, and what the session really ran on.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import importlib.metadata
 import json
 import os
-import shutil
-import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
-from segd.config import Config
 from segd.core.errors import SegdError
 
 if TYPE_CHECKING:
+    from segd.config import Config
     from segd.media.embed import Embedder
+
+# Every module the checks need is imported by the check itself: the parser of every
+# command imports this one, and `segd --help` must not pay for them.
 
 # The shared libraries the CUDA provider of onnxruntime-gpu 1.2x/1.3x needs (CUDA 12 or 13).
 CUDA_LIBRARIES = {
@@ -46,6 +45,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 def onnxruntime_distributions() -> list[str]:
+    import importlib.metadata
+
     found = []
     for name in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"):
         try:
@@ -57,6 +58,8 @@ def onnxruntime_distributions() -> list[str]:
 
 def check_libraries() -> dict[str, str]:
     """Each library: 'ok (name)' or 'missing: tried a, b'."""
+    import ctypes
+
     result = {}
     for what, names in CUDA_LIBRARIES.items():
         for name in names:
@@ -72,6 +75,9 @@ def check_libraries() -> dict[str, str]:
 
 
 def gpu_devices() -> list[dict[str, str]]:
+    import shutil
+    import subprocess
+
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return []
@@ -129,7 +135,8 @@ def collect(config: Config) -> dict[str, Any]:
     runs = {}
     for precision in ("fp32", "fp16"):
         try:
-            embedder = Embedder(config.model.path, gpu=config.model.gpu, precision=precision,
+            embedder = Embedder(config.model.path, model_name=config.model.name,
+                                gpu=config.model.gpu, precision=precision,
                                 threads=config.model.threads, input_size=config.model.input_size)
         except SegdError as exc:
             runs[precision] = {"error": str(exc)}
