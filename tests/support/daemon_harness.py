@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 PHOTOS = REPO / "tests" / "data" / "photos"
 READY = re.compile(r"INFO watching .* -> ")
 
-# Small everything: a first fit after 10 images, rescans every second.
+# Small everything: a first fit after 10 images once the inbox has been quiet for a second,
+# rescans every second.
 BASE_CONFIG: dict[str, Any] = {
     "allow_root": True,  # the tests may run as root (containers, CI)
     "inbox": "inbox",
@@ -34,7 +35,7 @@ BASE_CONFIG: dict[str, Any] = {
     "state_dir": "state",
     "log_level": "INFO",
     "model": {"gpu": "off"},
-    "clustering": {"min_images": 10, "k_max": 6, "n_init": 2},
+    "clustering": {"min_images": 10, "k_max": 6, "n_init": 2, "settle_s": 1.0},
     "watch": {"rescan_interval_s": 1.0, "quiet_s": 1.0},
 }
 
@@ -80,20 +81,25 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str,
         time.sleep(interval)
 
 
-def _env() -> dict[str, str]:
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The test's environment without anything that would change how segd behaves (a
+    systemd notification socket or watchdog, a config, the root policy), plus `extra`:
+    the opt-in for a test about exactly those."""
     env = dict(os.environ)
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM",
-                "SEGD_CONFIG", "LISTEN_FDS", "LISTEN_PID"):
+                "SEGD_CONFIG", "SEGD_ALLOW_ROOT", "LISTEN_FDS", "LISTEN_PID"):
         env.pop(key, None)
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
     return env
 
 
 def segd_cli(config: Path, *args: str, timeout: float = 120,
-             run_as: tuple[int, int] | None = None) -> subprocess.CompletedProcess[str]:
+             run_as: tuple[int, int] | None = None,
+             extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m segd ARGS --config CONFIG` to completion (refit, status...)."""
     cmd = [*as_user(run_as), sys.executable, "-m", "segd", *args, "--config", str(config)]
-    env = _env()
+    env = _env(extra_env)
     if run_as is not None:
         env["HOME"] = str(config.parent)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
@@ -136,12 +142,16 @@ class DaemonProcess:
     """One `segd run` subprocess, restartable: each start appends a fresh log file.
 
     `run_as=(uid, gid)` runs it as that user (the tests run as root; a real service runs
-    as its own user), with HOME pointed at the config's folder."""
+    as its own user), with HOME pointed at the config's folder. `extra_env` is added to
+    the environment after the variables `_env` removes (NOTIFY_SOCKET, WATCHDOG_USEC,
+    SEGD_ALLOW_ROOT...), for the tests about those."""
 
     def __init__(self, config: Path, run_as: tuple[int, int] | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (),
+                 extra_env: dict[str, str] | None = None) -> None:
         self.run_as = run_as
         self.extra_args = extra_args
+        self.extra_env = dict(extra_env or {})
         self.config = config
         self.root = config.parent
         self.proc: subprocess.Popen[bytes] | None = None
@@ -157,7 +167,7 @@ class DaemonProcess:
         self._log_fh = open(log, "wb")  # noqa: SIM115 - closed in _reap
         cmd = [*as_user(self.run_as), sys.executable, "-m", "segd", "run", "--config",
                str(self.config), *self.extra_args]
-        env = _env()
+        env = _env(self.extra_env)
         if self.run_as is not None:
             env["HOME"] = str(self.root)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_fh,
