@@ -1,4 +1,6 @@
-"""The move journal (the ``moves`` table): the write-ahead record of every file move."""
+"""The move journal (the ``moves`` table): the write-ahead record of every file move, and
+the record of what each refit changed (``refits``, ``refit_clusters``, ``refit_moves``), so
+that `segd undo` can put it back exactly."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from segd.state.db import abs_path, text_from_db
 from segd.state.images import ImageTable
 
 _MOVE_COLS: Final = "id, image_id, src, dst, tmp, state, created_at"
+_UNDO_MOVE_COLS: Final = (
+    "id, refit_id, image_id, src, dst, old_state, old_cluster, old_distance, old_reason, at"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +31,47 @@ class MoveRow:
     created_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class RefitPoint:
+    """One applied refit: when, and whether it has been undone."""
+
+    id: int
+    started_at: float
+    finished_at: float | None
+    undone_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterBefore:
+    """A cluster as it was just before a refit changed anything."""
+
+    cluster_id: int
+    folder: str
+    centroid_blob: bytes
+    size: int
+    retired_at: float | None
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefitMove:
+    """One file a refit moved, with the filing its image had before."""
+
+    id: int
+    refit_id: int
+    image_id: int | None
+    src: Path
+    dst: Path
+    before: Filing
+    at: float
+
+
 class MoveJournal(ImageTable):
     """Journaled moves; closing one files its image in the same commit, hence the base."""
+
+    # The refit whose moves are being journaled (see open_refit): each move finished while
+    # it is set is remembered with the image's filing before it.
+    _refit_tag: int | None = None
 
     def begin_move(
         self,
@@ -73,14 +117,15 @@ class MoveJournal(ImageTable):
             for image_id, src, dst, tmp in moves:
                 what = f"journal move {src} -> {dst}"
                 cur = conn.execute(
-                    "INSERT INTO moves(image_id, src, dst, tmp, state, created_at) "
-                    "VALUES (?, ?, ?, ?, 'planned', ?)",
+                    "INSERT INTO moves(image_id, src, dst, tmp, state, created_at, refit_id) "
+                    "VALUES (?, ?, ?, ?, 'planned', ?, ?)",
                     (
                         image_id,
                         abs_path(src, what),
                         abs_path(dst, what),
                         None if tmp is None else abs_path(tmp, what),
                         time.time(),
+                        self._refit_tag,
                     ),
                 )
                 ids.append(int(cur.lastrowid))  # type: ignore[arg-type]
@@ -111,13 +156,21 @@ class MoveJournal(ImageTable):
         what = f"finish move {move_id}"
         with self._write(what) as conn:
             row = conn.execute(
-                "SELECT image_id, dst FROM moves WHERE id = ?", (move_id,)
+                "SELECT image_id, dst, src, refit_id FROM moves WHERE id = ?", (move_id,)
             ).fetchone()
             if row is None:
                 raise StoreError(f"{what}: no such move")
             if filing is not None:
                 if row[0] is None:
                     raise StoreError(f"{what}: the move has no image to update")
+                if row[3] is not None:
+                    # A refit's move: keep what undo needs, read before the filing changes.
+                    conn.execute(
+                        "INSERT INTO refit_moves(refit_id, image_id, src, dst, old_state, "
+                        "old_cluster, old_distance, old_reason, at) SELECT ?, id, ?, ?, "
+                        "state, cluster_id, distance, reason, ? FROM images WHERE id = ?",
+                        (row[3], row[2], row[1], time.time(), row[0]),
+                    )
                 # dst as stored (text, or raw bytes for a name that is not UTF-8).
                 self._set_filing(conn, row[0], row[1], filing, what)
             conn.execute("DELETE FROM moves WHERE id = ?", (move_id,))
@@ -150,3 +203,118 @@ class MoveJournal(ImageTable):
             )
             for r in rows
         ]
+
+    # ---- undo points
+
+    def open_refit(self) -> int:
+        """Start recording a refit: the clusters as they are now, and (until close_refit)
+        every move this store journals. Returns the refit's id."""
+        if self._depth or self._in_snapshot:
+            raise StoreError("open_refit inside a transaction: the snapshot must commit first")
+        with self._write("open refit undo point") as conn:
+            cur = conn.execute("INSERT INTO refits(started_at) VALUES (?)", (time.time(),))
+            refit_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            conn.execute(
+                "INSERT INTO refit_clusters(refit_id, cluster_id, folder, centroid, size, "
+                "retired_at, origin) SELECT ?, id, folder, centroid, size, retired_at, origin "
+                "FROM clusters", (refit_id,),
+            )
+        self._refit_tag = refit_id
+        return refit_id
+
+    def retake_refit_snapshot(self) -> None:
+        """Inside an open undo point, before the refit moved anything: record the clusters
+        again. A reconciliation there is the user's work, which undo must not take back."""
+        refit_id = self._refit_tag
+        if refit_id is None:
+            return
+        with self._write(f"retake snapshot of refit {refit_id}") as conn:
+            if conn.execute("SELECT 1 FROM refit_moves WHERE refit_id = ? LIMIT 1",
+                            (refit_id,)).fetchone():
+                raise StoreError(f"refit {refit_id} has moved files: its snapshot stays")
+            conn.execute("DELETE FROM refit_clusters WHERE refit_id = ?", (refit_id,))
+            conn.execute(
+                "INSERT INTO refit_clusters(refit_id, cluster_id, folder, centroid, size, "
+                "retired_at, origin) SELECT ?, id, folder, centroid, size, retired_at, origin "
+                "FROM clusters", (refit_id,),
+            )
+
+    def close_refit(self, refit_id: int) -> None:
+        """The refit is applied: stop recording moves, note when it finished. A refit that
+        changed nothing (no move, every cluster as it was) leaves no undo point, so `segd
+        undo` reaches the last one that did."""
+        if self._refit_tag == refit_id:
+            self._refit_tag = None
+        with self._write(f"close refit {refit_id}") as conn:
+            moved = conn.execute("SELECT 1 FROM refit_moves WHERE refit_id = ? LIMIT 1",
+                                 (refit_id,)).fetchone()
+            changed = conn.execute(
+                "SELECT 1 FROM clusters c LEFT JOIN refit_clusters b "
+                "ON b.refit_id = ? AND b.cluster_id = c.id WHERE b.cluster_id IS NULL "
+                "OR b.folder IS NOT c.folder OR b.centroid IS NOT c.centroid "
+                "OR b.retired_at IS NOT c.retired_at OR b.origin IS NOT c.origin LIMIT 1",
+                (refit_id,),
+            ).fetchone()
+            if moved is None and changed is None:
+                conn.execute("DELETE FROM refits WHERE id = ?", (refit_id,))
+            else:
+                conn.execute("UPDATE refits SET finished_at = ? WHERE id = ?",
+                             (time.time(), refit_id))
+
+    def last_refit(self) -> RefitPoint | None:
+        with self._guard("read last refit") as conn:
+            r = conn.execute(
+                "SELECT id, started_at, finished_at, undone_at FROM refits "
+                "ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+        return None if r is None else RefitPoint(*r)
+
+    def clusters_before(self, refit_id: int) -> list[ClusterBefore]:
+        """The clusters as they were when the refit began, in id order."""
+        with self._guard(f"read clusters before refit {refit_id}") as conn:
+            rows = conn.execute(
+                "SELECT cluster_id, folder, centroid, size, retired_at, origin "
+                "FROM refit_clusters WHERE refit_id = ? ORDER BY cluster_id", (refit_id,)
+            ).fetchall()
+        return [ClusterBefore(*r) for r in rows]
+
+    def refit_moves(self, refit_id: int) -> list[RefitMove]:
+        """Every move the refit made, in the order made."""
+        with self._guard(f"read moves of refit {refit_id}") as conn:
+            rows = conn.execute(
+                f"SELECT {_UNDO_MOVE_COLS} FROM refit_moves WHERE refit_id = ? ORDER BY id",
+                (refit_id,),
+            ).fetchall()
+        return [
+            RefitMove(
+                id=r[0], refit_id=r[1], image_id=r[2], src=Path(text_from_db(r[3])),
+                dst=Path(text_from_db(r[4])),
+                before=Filing(r[5], r[6], r[7], r[8]), at=r[9],
+            )
+            for r in rows
+        ]
+
+    def restore_clusters(self, refit_id: int, retire_at: float) -> None:
+        """Put every cluster back as it was before the refit (centroid, folder, size, active
+        or not, origin); a cluster the refit created is retired at ``retire_at``. The
+        refit is marked undone, all in one commit."""
+        with self._write(f"restore clusters of refit {refit_id}") as conn:
+            conn.execute(
+                "UPDATE clusters SET retired_at = ? WHERE retired_at IS NULL AND id NOT IN "
+                "(SELECT cluster_id FROM refit_clusters WHERE refit_id = ?)",
+                (retire_at, refit_id),
+            )
+            # Folders first out of the way: names are unique, and two restored clusters
+            # may have traded them.
+            conn.execute(
+                "UPDATE clusters SET folder = '.segd-restoring-' || id WHERE id IN "
+                "(SELECT cluster_id FROM refit_clusters WHERE refit_id = ?)", (refit_id,),
+            )
+            conn.execute(
+                "UPDATE clusters SET (folder, centroid, size, retired_at, origin) = "
+                "(SELECT folder, centroid, size, retired_at, origin FROM refit_clusters b "
+                "WHERE b.refit_id = ? AND b.cluster_id = clusters.id) WHERE id IN "
+                "(SELECT cluster_id FROM refit_clusters WHERE refit_id = ?)",
+                (refit_id, refit_id),
+            )
+            conn.execute("UPDATE refits SET undone_at = ? WHERE id = ?", (retire_at, refit_id))

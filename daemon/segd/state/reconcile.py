@@ -301,6 +301,9 @@ def reconcile_library(store: Store, config: Config, embed: EmbedFiles | None) ->
     done = Reconciled()
     if not found.empty:
         _apply(store, config, scan, found, rows, hashes, embed, done)
+        # Inside a refit's undo point (reconciling before it re-files): what the user did
+        # is not the refit's to take back.
+        store.retake_refit_snapshot()
     store.record_file_ids(list(found.seen))
     record_identities(store, library)
     return done
