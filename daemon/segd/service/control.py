@@ -7,6 +7,7 @@ one line and closes the connection. Requests::
     {"cmd": "ping"}
     {"cmd": "status"}
     {"cmd": "refit", "k": null | <int>, "dry_run": <bool>}
+    {"cmd": "undo"}
 
 Answers always carry ``"ok"``; a failure is ``{"ok": false, "error": "<message>"}``.
 ``ping`` is answered by the server itself; every other command goes to the handler the
@@ -41,7 +42,7 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
-COMMANDS: tuple[str, ...] = ("ping", "status", "refit")
+COMMANDS: tuple[str, ...] = ("ping", "status", "refit", "undo")
 # How long a connected client may take to send its request line. It bounds the threads a
 # stuck or malicious local client can pin; it does not limit how long the handler runs.
 REQUEST_READ_TIMEOUT_S = 10.0
@@ -245,6 +246,7 @@ class ControlServer:
             request = check_request(message)
         except ControlError as exc:
             return _error(str(exc))
+        log.debug("control request %r from uid %s", request["cmd"], uid)
         if request["cmd"] == "ping":
             return {"ok": True, "pong": True, "pid": os.getpid()}
         # The handler runs without a timeout: a refit may take a minute and the client is
