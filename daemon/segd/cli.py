@@ -8,12 +8,12 @@ import os
 import sys
 
 from segd import __version__
-from segd.commands import doctor, refit, run, sort, status
+from segd.commands import doctor, explain, refit, run, sort, status, undo
 from segd.commands.options import add_global_options, common_parent
 from segd.config import load_config
 from segd.core.errors import SegdError
 
-COMMANDS = (sort, run, refit, status, doctor)
+COMMANDS = (sort, run, refit, undo, explain, status, doctor)
 
 
 def main(argv: list[str] | None = None) -> int:

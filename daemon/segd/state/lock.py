@@ -35,7 +35,7 @@ from segd.core.errors import StoreError
 
 log = logging.getLogger(__name__)
 
-Role = Literal["daemon", "refit", "sort"]
+Role = Literal["daemon", "refit", "sort", "undo"]
 ROLES: tuple[str, ...] = get_args(Role)
 
 # A prober (`read_lock_holder`) takes a shared lock for a few microseconds; an acquirer
