@@ -44,6 +44,7 @@ from segd.state.quarantine import quarantine_file
 from segd.state.reconcile import filing_after_move, reconcile, resolve_cluster_folder
 from segd.state.refit import RefitReport, run_refit
 from segd.state.store import Store, open_store
+from segd.state.undo import undo_last_refit
 
 log = logging.getLogger("segd.daemon")
 
@@ -349,6 +350,11 @@ class Daemon:
             report = self.refit("on demand", k=message.get("k"),
                                 dry_run=bool(message.get("dry_run")))
             return {"ok": True, "refit": report.to_dict(), "summary": report.summary()}
+        if message["cmd"] == "undo":
+            with self.refit_lock, self.intake_lock:  # no refit, no filing meanwhile
+                undone = undo_last_refit(self.store, self.config)
+                self.centroid_ids, self.centroids = self.store.centroid_matrix()
+            return {"ok": True, "summary": undone.summary()}
         return {"ok": False, "error": f"unknown command {message['cmd']!r}"}
 
     def live_status(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from segd.core.library import cluster_folder_name, safe_folder
 from segd.state.mover import MovePlan, journaled_move
 from segd.state.reconcile import reconcile, resolve_cluster_folder
 from segd.state.store import Store, open_store
+from segd.state.undo import undo_point
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ def run_refit(store: Store, config: Config, params: FitParams, trigger: str, *,
             report.skipped = "stopping; the new fit was not applied"
             log.info("%s", report.summary())
             return report
-        apply_refit(store, config, plan, report)
+        with contextlib.nullcontext() if dry_run else undo_point(store):  # for `segd undo`
+            apply_refit(store, config, plan, report)
         if not dry_run:
             store.record_fit(plan.n, plan.fit.k, plan.fit.silhouette, plan.fit.scores,
                              report.moved, time.perf_counter() - started, trigger)
