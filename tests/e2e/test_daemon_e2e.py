@@ -494,7 +494,7 @@ def test_refit_after_user_changes_while_running(make_env: Callable[..., Env]) ->
     assert done.returncode == 0 and "asked the running daemon" in done.stdout, (
         done.stdout + done.stderr)
     assert "forgetting" not in env.daemon.log(), env.daemon.log_tail()
-    assert f"{len(picked)} file(s) moved between clusters by a user followed" in env.daemon.log()
+    assert f"{len(picked)} file(s) placed by you pinned to their folder" in env.daemon.log()
     recreated = [f for f in renames if (tree.library / f).exists()]
     assert not recreated, f"old folder names recreated: {recreated}"
     env.finish()

@@ -325,6 +325,7 @@ def _apply(store: Store, config: Config, scan: LibraryScan, found: Corrections,
         log.info("cluster folder %s was renamed to %s; following it (%d images)",
                  by_id[cid].folder, name, count)
         done.renamed += 1
+    by_id = {c.id: c for c in store.clusters(active_only=False)}  # with the new names
 
     # Photos copied in from outside: embedded before anything is written, so a new folder's
     # centroid can include them. A copy of a photo segd knows reuses its embedding.
