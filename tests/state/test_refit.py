@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import sqlite3
@@ -78,10 +79,15 @@ class Library:
             ids.append(image_id)
         return ids
 
-    def refit(self, *, dry_run: bool = False, config: Config | None = None) -> RefitReport:
+    def refit(self, *, dry_run: bool = False, config: Config | None = None,
+              k: int | None = None) -> RefitReport:
+        """A refit as the daemon runs one; `k`: as `segd refit --k` (it replaces)."""
         config = config or self.config
-        return run_refit(self.store, config, FitParams.from_config(config.clustering), "test",
-                         dry_run=dry_run)
+        params = FitParams.from_config(config.clustering)
+        if k is not None:
+            params = dataclasses.replace(params, k=k)
+        return run_refit(self.store, config, params, "test", dry_run=dry_run,
+                         forced=k is not None)
 
     def cluster_of_blob(self) -> dict[str, int]:
         """blob -> the one cluster id holding all of its images (asserts there is one)."""
@@ -274,12 +280,12 @@ def test_reconcile_follows_a_users_move_and_forgets_a_deleted_file(fitted: Libra
     os.rename(moved.path, target / moved.path.name)  # the user files it under b
     deleted.path.unlink()
     assert reconcile.reconcile(fitted.store, fitted.config) == (
-        "1 file(s) moved between clusters by a user followed; "
-        "1 file(s) no longer on disk forgotten")
+        "1 file(s) placed by you pinned to their folder; "
+        "1 file(s) gone from the library forgotten")
     after = fitted.store.get_image(moved.id)
     assert after is not None and after.path == target / moved.path.name
-    # Only the cluster changes; the rest of its filing (distance...) stays as it was.
-    assert after.filing == dataclasses.replace(moved.filing, cluster_id=clusters["b"])
+    # The user's choice: filed under b and pinned there (test_reconcile has the details).
+    assert (after.state, after.cluster_id, after.pinned) == ("sorted", clusters["b"], True)
     assert (after.sha256, after.original_name) == (moved.sha256, moved.original_name)
     assert fitted.store.get_image(deleted.id) is None
     sizes = {c.id: c.size for c in fitted.store.clusters()}
@@ -383,7 +389,8 @@ def drift(lib: Library, source: str, target: str, count: int) -> list[int]:
 def test_on_refit_move_refiles_changed_images(fitted: Library) -> None:
     clusters = fitted.cluster_of_blob()
     changed = drift(fitted, "a", "b", 3)
-    report = fitted.refit()
+    report = fitted.refit(k=3)  # a replacing refit
+    assert report.outcome == "replaced"
     assert report.moved == 3 and report.kept == 3
     target = fitted.config.library / fitted.folder_of(clusters["b"])
     for image_id in changed:
@@ -402,9 +409,10 @@ def test_on_refit_keep_moves_nothing(root: Path) -> None:
         drift(lib, "a", "b", 3)
         as_move = dataclasses.replace(
             lib.config, clustering=dataclasses.replace(lib.config.clustering, on_refit="move"))
-        assert lib.refit(dry_run=True, config=as_move).moved == 3  # there is something to move
+        # There is something to move (for a replacing refit).
+        assert lib.refit(dry_run=True, config=as_move, k=3).moved == 3
         before, disk = lib.state(), disk_snapshot(lib.config)
-        report = lib.refit()
+        report = lib.refit(k=3)
         assert report.moved == 0 and report.kept == 3
         assert lib.state() == before
         assert disk_snapshot(lib.config) == disk
@@ -437,3 +445,157 @@ def test_dry_run_after_changes_reports_and_changes_nothing(fitted: Library) -> N
     assert len(report.created) == 1 and report.created[0].startswith("(new cluster ")
     assert disk_snapshot(fitted.config) == disk
     assert db_dump(fitted.config.db_path) == db
+
+
+# --------------------------------------------------------------------------- replace or update
+
+
+def unit_mean(rows: list[np.ndarray]) -> np.ndarray:
+    return unit(np.sum(rows, axis=0))
+
+
+def test_an_update_moves_no_file_and_centroids_follow_their_members(fitted: Library) -> None:
+    clusters = fitted.cluster_of_blob()
+    drift(fitted, "a", "b", 3)  # three of a's photos now look like b's
+    before, disk = fitted.state(), disk_snapshot(fitted.config)
+    report = fitted.refit()
+    assert (report.outcome, report.k, report.fit_k) == ("updated", 3, 3)
+    assert "kept the clusters" in report.summary()
+    assert (report.moved, report.created, report.retired) == (0, [], [])
+    assert fitted.state() == before and disk_snapshot(fitted.config) == disk
+    # Each centroid is now the mean of the photos its folder holds, drifted ones included.
+    for cid in clusters.values():
+        members = [im.embedding for im in fitted.store.iter_images() if im.cluster_id == cid]
+        cluster = fitted.store.get_cluster(cid)
+        assert cluster is not None
+        assert np.allclose(cluster.centroid, unit_mean(members), atol=1e-5)
+    fit = fitted.store.last_fit()
+    assert fit is not None and (fit.k, fit.moved) == (3, 0)
+
+
+def test_an_update_files_pending_photos_into_the_live_clusters(fitted: Library) -> None:
+    clusters = fitted.cluster_of_blob()
+    before = fitted.state()
+    new = fitted.add_blob("b", count=4)  # arrived while no clustering was applied to them
+    report = fitted.refit()
+    assert (report.outcome, report.sorted_pending, report.moved) == ("updated", 4, 0)
+    b_folder = fitted.config.library / fitted.folder_of(clusters["b"])
+    for image_id in new:
+        image = fitted.store.get_image(image_id)
+        assert image is not None and image.state == "sorted" and image.path.parent == b_folder
+    after = fitted.state()
+    assert all(row in after["images"] for row in before["images"])  # nobody else moved
+    fitted.check_disk_agrees()
+
+
+def test_a_burst_of_refits_at_the_same_k_moves_nothing(fitted: Library) -> None:
+    moved = 0
+    for _ in range(3):
+        for blob in ("a", "b", "c"):
+            fitted.add_blob(blob, count=4)
+        report = fitted.refit()
+        assert report.outcome == "updated"
+        moved += report.moved
+    assert moved == 0
+    fitted.cluster_of_blob()
+    fitted.check_disk_agrees()
+
+
+# --------------------------------------------------------------------------- pinned photos
+
+
+def pin_into(lib: Library, image_id: int, cluster_id: int) -> Path:
+    """The user moves the photo into the cluster's folder; segd records it pinned there."""
+    image = lib.store.get_image(image_id)
+    assert image is not None
+    dst = lib.config.library / lib.folder_of(cluster_id) / image.path.name
+    os.rename(image.path, dst)
+    lib.store.file_image(image_id, dst, Filing.pinned_to(cluster_id, None))
+    return dst
+
+
+def test_a_replacing_refit_never_moves_a_pinned_photo(fitted: Library) -> None:
+    clusters = fitted.cluster_of_blob()
+    a_photos = [im.id for im in fitted.store.iter_images() if fitted.blob_of[im.id] == "a"]
+    pinned, control = a_photos[0], a_photos[1]
+    where = pin_into(fitted, pinned, clusters["b"])
+    # The control is misfiled the same way but not pinned: the refit puts it back.
+    image = fitted.store.get_image(control)
+    assert image is not None
+    dst = fitted.config.library / fitted.folder_of(clusters["b"]) / image.path.name
+    os.rename(image.path, dst)
+    fitted.store.file_image(control, dst, Filing.sorted_into(clusters["b"], 0.5))
+
+    report = fitted.refit(k=3)
+    assert report.outcome == "replaced" and report.pinned == 1
+    assert report.moved == 1  # the control only
+    got = fitted.store.get_image(pinned)
+    assert got is not None and got.path == where and got.pinned
+    assert got.cluster_id == clusters["b"] and where.is_file()
+    back = fitted.store.get_image(control)
+    assert back is not None and back.cluster_id == clusters["a"]
+    fitted.check_disk_agrees()
+
+
+def test_a_cluster_holding_a_pinned_photo_is_never_retired(fitted: Library) -> None:
+    clusters = fitted.cluster_of_blob()
+    c_photos = [im for im in fitted.store.iter_images() if fitted.blob_of[im.id] == "c"]
+    for image in c_photos[2:]:  # c is gone but for two photos the user keeps there
+        image.path.unlink()
+        fitted.store.delete_image(image.id)
+    for image in c_photos[:2]:
+        fitted.store.file_image(image.id, image.path, Filing.pinned_to(clusters["c"], None))
+
+    report = fitted.refit(k=2)
+    assert report.outcome == "replaced" and report.retired == []
+    kept = fitted.store.get_cluster(clusters["c"])
+    assert kept is not None and kept.retired_at is None and kept.size == 2
+    for image in c_photos[:2]:
+        got = fitted.store.get_image(image.id)
+        assert got is not None and got.path == image.path and got.cluster_id == clusters["c"]
+    fitted.check_disk_agrees()
+
+
+def test_a_cluster_the_user_made_survives_a_replacing_refit(fitted: Library) -> None:
+    made = fitted.store.add_cluster("Holidays", unit(np.ones(DIM)), origin="user")
+    (fitted.config.library / "Holidays").mkdir()
+    report = fitted.refit(k=3)
+    assert report.outcome == "replaced" and "Holidays" not in report.retired
+    cluster = fitted.store.get_cluster(made)
+    assert cluster is not None and cluster.retired_at is None
+    fitted.cluster_of_blob()  # the blobs are where they were
+
+
+# --------------------------------------------------------------------------- dry-run listing
+
+
+def test_a_dry_run_lists_every_move_by_folder(fitted: Library,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from segd.commands.refit import refit_command
+
+    clusters = fitted.cluster_of_blob()
+    changed = drift(fitted, "a", "b", 2)
+    fitted.add_blob("d", count=PER_BLOB)
+    disk = disk_snapshot(fitted.config)
+    report = fitted.refit(dry_run=True, k=4)
+    a_folder, b_folder = (fitted.folder_of(clusters[b]) for b in ("a", "b"))
+    moves = {(Path(m.path).name, m.source, m.target) for m in report.planned}
+    names = {fitted.store.get_image(i).path.name for i in changed}  # type: ignore[union-attr]
+    assert {m for m in moves if m[1] == a_folder} == {(n, a_folder, b_folder) for n in names}
+    pending = [m for m in moves if m[1] == "(inbox)"]
+    assert len(pending) == PER_BLOB and {m[2] for m in pending} == {"(new cluster 1)"}
+    assert len(report.planned) == report.moved + report.sorted_pending
+    assert disk_snapshot(fitted.config) == disk
+
+    # The command prints the summary once, then the listing grouped by folder.
+    assert refit_command(fitted.config, k=4, dry_run=True, allow_root=True) == 0
+    out = capsys.readouterr().out
+    assert out.count("refit (segd refit, dry run)") == 1
+    assert f"  from {a_folder} (2):" in out and "  from (inbox) (12):" in out
+    assert all(f"    {n} -> {b_folder}" in out for n in names)
+    assert disk_snapshot(fitted.config) == disk
+
+    assert refit_command(fitted.config, k=4, dry_run=True, allow_root=True,
+                         as_json=True) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["dry_run"] and len(data["planned"]) == len(report.planned)
