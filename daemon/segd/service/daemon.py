@@ -32,6 +32,7 @@ from segd.core.arrival import ArrivalPlan, plan_arrival
 from segd.core.cluster import FitParams
 from segd.core.errors import ConfigError, FileAccessError, ImageError, SegdError
 from segd.core.pipeline import FLUSH, Embedded, Flush, embed_stream
+from segd.core.refit_policy import Schedule, next_try_at, refit_due
 from segd.core.workqueue import WorkQueue
 from segd.media.decode import DecodeOptions, decode_bytes, read_image_file
 from segd.media.embed import Embedder, cpu_count
@@ -90,6 +91,12 @@ class Daemon:
         self.last_fit_n = 0
         self.refit_thread: threading.Thread | None = None
         self.refit_retry_at = 0.0  # monotonic time before which a failed refit is not retried
+        # Whether a burst has settled: when images last arrived, and since when the inbox
+        # has not been quiet for settle_s (monotonic); the image count seen at the last tick.
+        self.activity_at = self.unsettled_since = time.monotonic()
+        self.seen_images = -1
+        self.unstructured_n = 0  # n at the last first fit that found no structure (0: none)
+        self.waiting: str | None = None  # why there are no clusters yet, for the status
         self.started_at = time.time()
         self.watcher = InboxWatcher(config.inbox, config.watch, self._on_ready)
         self.decode_opts = DecodeOptions(size=embedder.input_size, resize=config.model.resize,
@@ -292,30 +299,56 @@ class Daemon:
 
     def refit(self, trigger: str, k: int | str | None = None,
               dry_run: bool = False) -> RefitReport:
-        """Fit off the intake path, then swap in under the intake lock. Blocks until done."""
+        """Fit off the intake path, then swap in under the intake lock. Blocks until done.
+
+        `k` (on demand): a fixed k the user asked for; the fit then replaces the clusters."""
         def swapped() -> None:
             self.centroid_ids, self.centroids = self.store.centroid_matrix()
             self.last_fit_at = time.time()
             self.last_fit_n = sum(self.store.count_by_state()[s] for s in ("sorted", "pending"))
             self.counters.refits += 1
+            self.unstructured_n, self.waiting = 0, None
 
         with self.refit_lock:
             notify.status(f"refitting ({trigger})")
-            return run_refit(self.store, self.config, self.fit_params(k), trigger,
-                             dry_run=dry_run, swap_lock=self.intake_lock, on_swapped=swapped,
-                             cancel=self.stopping)
+            report = run_refit(self.store, self.config, self.fit_params(k), trigger,
+                               dry_run=dry_run, swap_lock=self.intake_lock,
+                               on_swapped=swapped, cancel=self.stopping,
+                               forced=k is not None)
+        log.info("%s", report.summary())
+        if report.outcome == "waiting" and not dry_run:
+            # No structure yet: the photos stay pending; try again after some growth.
+            self.unstructured_n = report.n
+            self.waiting = (f"no structure found in {report.n} images; they wait in the "
+                            f"inbox, next try at {next_try_at(report.n)} images")
+            log.info("no clusters yet: %s", self.waiting)
+            notify.status(self.status_line())
+        return report
+
+    def _note_activity(self, counts: dict[str, int]) -> None:
+        """Track whether the inbox is busy: images being added, or more work queued than
+        the pending photos a rescan hands back (those wait; they are not new)."""
+        now = time.monotonic()
+        total = sum(counts.values())
+        queued = len(self.queue) + self.queue.in_flight
+        if total != self.seen_images or queued > counts["pending"]:
+            if now - self.activity_at >= self.config.clustering.settle_s:
+                self.unsettled_since = now  # a new burst begins
+            self.activity_at = now
+        self.seen_images = total
 
     def _refit_due(self) -> str | None:
-        c = self.config.clustering
         counts = self.store.count_by_state()
-        n = counts["sorted"] + counts["pending"]
-        if len(self.centroids) == 0:
-            return "first fit" if n >= c.min_images else None
-        if c.refit_growth > 0 and self.last_fit_n and n >= self.last_fit_n * (1 + c.refit_growth):
-            return f"grew from {self.last_fit_n} to {n} images"
-        if c.refit_interval_s > 0 and time.time() - self.last_fit_at >= c.refit_interval_s:
-            return "interval"
-        return None
+        self._note_activity(counts)
+        now = time.monotonic()
+        idle = now - self.activity_at
+        settle = self.config.clustering.settle_s
+        return refit_due(Schedule(
+            n=counts["sorted"] + counts["pending"], live_k=len(self.centroids),
+            last_fit_n=self.last_fit_n, since_fit_s=time.time() - self.last_fit_at,
+            unstructured_n=self.unstructured_n, idle_s=idle,
+            busy_s=now - self.unsettled_since if idle < settle else 0.0),
+            self.config.clustering)
 
     def _maybe_start_refit(self) -> None:
         if self.refit_thread is not None and self.refit_thread.is_alive():
@@ -369,15 +402,18 @@ class Daemon:
             "queue_depth": len(self.queue),
             "in_flight": self.queue.in_flight,
             "refit_running": self.refit_lock.locked(),
+            "clusters_waiting": self.waiting,  # why there are no clusters yet (None: there are)
             "this_run": dataclasses.asdict(self.counters),
         }
 
     def status_line(self) -> str:
         counts = self.store.count_by_state()
         device = "GPU" if self.embedder.report.on_gpu else "CPU"
+        clusters = f"{len(self.centroids)} clusters" if self.waiting is None else \
+            f"no clusters yet ({self.waiting})"
         return (f"{counts['sorted']} sorted, {counts['pending']} pending, "
                 f"{counts['quarantined']} quarantined, queue {len(self.queue)}, "
-                f"{len(self.centroids)} clusters, on {device}")
+                f"{clusters}, on {device}")
 
     # ---- reload -------------------------------------------------------------------------
 
