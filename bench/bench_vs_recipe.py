@@ -47,7 +47,7 @@ def main() -> int:
         commands = {
             "recipe": lambda d: [args.tf_python, str(RECIPE), str(src), str(d)],
             "segd": lambda d: [str(benchlib.SEGD), "sort", str(src), str(d), "--config",
-                               str(cfg), "--no-progress"],
+                               str(cfg), "--no-progress", "--no-cache"],
         }
         for rep in range(args.repeats):
             order = ["recipe", "segd"] if rep % 2 == 0 else ["segd", "recipe"]

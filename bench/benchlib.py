@@ -105,9 +105,9 @@ def load_average() -> str:
 def run_segd_sort(src: Path, dest: Path, config: Path, n: int,
                   extra: Sequence[str] = ()) -> tuple[ChildRun, float]:
     """Run `segd sort` as a child, check it placed all n images, and return the run and the
-    embedding rate it reports (images/s)."""
+    embedding rate it reports (images/s). --no-cache: every run embeds afresh."""
     run = run_child([str(SEGD), "sort", str(src), str(dest), "--config", str(config),
-                     "--no-progress", *extra])
+                     "--no-progress", "--no-cache", *extra])
     if run.returncode != 0:
         raise SystemExit(f"segd sort failed ({run.returncode}):\n{run.stderr[-2000:]}")
     placed = sum(1 for p in dest.rglob("*") if p.is_file() and p.suffix != ".csv")

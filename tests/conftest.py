@@ -13,6 +13,7 @@ A test that must leave a thread behind says so with ``@pytest.mark.thread_leak_o
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -58,3 +59,16 @@ def no_thread_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if leaked:
         names = ", ".join(f"{t.name} (daemon={t.daemon})" for t in leaked)
         pytest.fail(f"the test left {len(leaked)} thread(s) running: {names}", pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`segd sort` keeps an embedding cache under $XDG_CACHE_HOME: no test, nor any process
+    a test starts, may write into the real home's."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved

@@ -1,37 +1,67 @@
 """The `segd sort` job: embed every image in SRC, choose k, place each image under DEST.
 
-Streams: embeddings go to a temporary file as they are computed and the clustering reads
-them back in chunks, so memory stays flat however many images SRC holds.
+Streams: embeddings go to a temporary file as they are found or computed, and the clustering
+reads them back in chunks, so memory stays flat however many images SRC holds.
+
+Found before computed: each file's sha256 is looked up in the embedding cache, then in the
+daemon's store (`known`); only the rest is decoded and embedded, and those vectors go into the
+cache. Rows keep the order of the files whatever their source, so a cached run clusters
+exactly as a fresh one.
+
+Start-up order: decoding starts before the clustering stack (scikit-learn, SciPy) is
+imported. That import then runs in a background thread while the images are decoded, so it
+neither delays the first image nor adds to the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import heapq
+import importlib
 import logging
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from segd.core.cluster import FitParams, FitResult, chunked, fit_stream
+from segd.batch.known import (
+    ReuseOptions,
+    StoreReader,
+    file_sha256,
+    open_cache,
+    verify_store,
+)
 from segd.core.errors import ImageError, SegdError
 from segd.core.library import UNREADABLE_FOLDER, cluster_folder_name
 from segd.core.pipeline import embed_stream
-from segd.media.decode import DecodeOptions, decode_file
+from segd.media.decode import DecodeOptions, decode_bytes, read_image_file
 from segd.media.embed import Embedder, cpu_count
 from segd.state import fsops
+from segd.state.cache import CacheKey, EmbeddingCache
 from segd.views.progress import Progress
+
+if TYPE_CHECKING:
+    from segd.core.cluster import FitParams, FitResult
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
 SAMPLES_PER_FOLDER = 8
 READ_CHUNK_ROWS = 8192
+CLUSTER_MODULE = "segd.core.cluster"
+# Files hashed and looked up at a time: small at first, so the first image is decoded at
+# once, then larger, so the lookups stay few.
+FIRST_CHUNK, LAST_CHUNK = 8, 512
 
 
 @dataclass(frozen=True)
@@ -40,11 +70,14 @@ class SortOptions:
     dest: Path
     move: bool = False
     recursive: bool = False
-    fit: FitParams = field(default_factory=FitParams)
+    # FitParams, or a function giving them at fit time, so the caller need not import the
+    # clustering stack before decoding starts. None: FitParams().
+    fit: FitParams | Callable[[], FitParams] | None = None
     batch_size: int = 32
     workers: int = 0
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     progress: bool = True
+    reuse: ReuseOptions = field(default_factory=ReuseOptions)  # default: nothing reused
 
 
 @dataclass
@@ -57,6 +90,10 @@ class SortResult:
     seconds: float
     embed_seconds: float
     samples: dict[str, list[Path]] = field(default_factory=dict)  # most typical per folder
+    embedded: int = 0  # images the network ran on
+    cached: int = 0  # embeddings found in the cache
+    from_store: int = 0  # embeddings found in the daemon's store
+    device: str | None = None  # where the network ran; None when it did not run
 
 
 def list_images(src: Path, recursive: bool, exclude: Path | None = None) -> list[Path]:
@@ -75,7 +112,16 @@ def list_images(src: Path, recursive: bool, exclude: Path | None = None) -> list
     return found
 
 
-def run_sort(opts: SortOptions, embedder: Embedder) -> SortResult:
+def run_sort(opts: SortOptions, embedder: Embedder | Callable[[], Embedder],
+             key: CacheKey | None = None, input_size: int | None = None) -> SortResult:
+    """Sort opts.src into opts.dest.
+
+    `embedder` may be a function: it is then called only if some image is found neither in
+    the cache nor in the store, and, when `input_size` (the network's input side) is known
+    beforehand, in the background while the first images are decoded. `key` identifies the
+    model and preprocessing for the cache and the store; without one it is read from the
+    embedder.
+    """
     started = time.perf_counter()
     if not opts.src.is_dir():
         raise SegdError(f"source folder not found: {opts.src}")
@@ -83,40 +129,28 @@ def run_sort(opts: SortOptions, embedder: Embedder) -> SortResult:
         raise SegdError("SRC and DEST must be different folders")
     files = list_images(opts.src, opts.recursive, exclude=opts.dest)
     opts.dest.mkdir(parents=True, exist_ok=True)
-    workers = opts.workers or cpu_count()
-    decode_opts = dataclasses.replace(opts.decode, size=embedder.input_size)
 
-    unreadable: list[tuple[Path, ImageError]] = []
-    readable: list[Path] = []
-    progress = Progress(len(files), "embedding", enabled=opts.progress)
-    with tempfile.TemporaryDirectory(prefix="segd-sort-") as tmp:
-        store = Path(tmp) / "embeddings.f32"
-        dim = embedder.spec.embedding_dim
-        with store.open("wb") as out:
-            for batch in embed_stream(files, lambda p: decode_file(p, decode_opts),
-                                      embedder.embed, batch_size=opts.batch_size,
-                                      workers=workers):
-                failed = 0
-                for result in batch:
-                    if result.error is not None:
-                        unreadable.append((result.item, result.error))
-                        failed += 1
-                    else:
-                        readable.append(result.item)
-                        out.write(np.asarray(result.embedding, dtype="<f4").tobytes())
-                progress.advance(len(batch), failed)
-        progress.close()
+    with tempfile.TemporaryDirectory(prefix="segd-sort-") as tmp, \
+            _Embedding(opts, files, embedder, key, input_size, Path(tmp), started) as job:
+        job.run()
         embed_seconds = time.perf_counter() - started
-
-        n = len(readable)
+        log.debug("embeddings ready %.3f s after the sort started: %d embedded, %d from the "
+                  "cache, %d from the daemon's store", embed_seconds, job.embedded, job.cached,
+                  job.from_store)
+        n = int(job.ok.sum())
+        readable = [files[i] for i in np.flatnonzero(job.ok)]
         fit_result: FitResult | None = None
         labels = np.zeros(n, dtype=np.int64)
         distances = np.zeros(n, dtype=np.float32)
         if n >= 2:
-            matrix = np.memmap(store, dtype="<f4", mode="r", shape=(n, dim))
-            fit_result = fit_stream(lambda: chunked(matrix, READ_CHUNK_ROWS), n, opts.fit)
+            job.wait_for_clustering()
+            from segd.core.cluster import FitParams, fit_stream
+
+            params = opts.fit() if callable(opts.fit) else opts.fit or FitParams()
+            fit_result = fit_stream(job.rows.readable_chunks(job.ok), n, params)
             labels, distances = fit_result.labels, fit_result.distances
-            del matrix
+        job.rows.close()
+        unreadable = job.unreadable
 
     # Number the clusters by size, largest first, so cluster-01 is the biggest group.
     k = fit_result.k if fit_result else (1 if n else 0)
@@ -133,7 +167,276 @@ def run_sort(opts: SortOptions, embedder: Embedder) -> SortResult:
                       placed=placed, seconds=time.perf_counter() - started,
                       embed_seconds=embed_seconds,
                       samples={f: [p for _, _, p in sorted(samples[f], reverse=True)]
-                               for f in sizes})
+                               for f in sizes},
+                      embedded=job.embedded, cached=job.cached, from_store=job.from_store,
+                      device=job.device)
+
+
+class _Rows:
+    """The (files, dim) float32 rows on disk, one per file in file order, created once the
+    first vector gives the dimension; rows of unreadable files stay unused."""
+
+    def __init__(self, path: Path, count: int) -> None:
+        self.path = path
+        self.count = count
+        self.matrix: np.memmap | None = None
+
+    def write(self, index: int, vector: np.ndarray) -> None:
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if self.matrix is None:
+            self.matrix = np.memmap(self.path, dtype="<f4", mode="w+",
+                                    shape=(self.count, len(vector)))
+        if len(vector) != self.matrix.shape[1]:
+            raise SegdError(f"an embedding of {len(vector)} values among ones of "
+                            f"{self.matrix.shape[1]}: the cache or the store is inconsistent")
+        self.matrix[index] = vector
+
+    def readable_chunks(self, ok: np.ndarray) -> Callable[[], Iterator[np.ndarray]]:
+        """The fit's chunk source: the rows of readable files, in file order."""
+        matrix = self.matrix
+        assert matrix is not None
+
+        def chunks() -> Iterator[np.ndarray]:
+            for lo in range(0, self.count, READ_CHUNK_ROWS):
+                hi = min(lo + READ_CHUNK_ROWS, self.count)
+                block = np.asarray(matrix[lo:hi])[ok[lo:hi]]
+                if len(block):
+                    yield block
+
+        return chunks
+
+    def close(self) -> None:
+        if self.matrix is not None:
+            self.matrix.flush()
+            self.matrix = None
+
+
+class _Embedding:
+    """One run's embedding phase: find or compute a vector for every file.
+
+    Slow loads run on one background thread, in the order asked, so two import chains
+    never run at once: the embedder (onnxruntime), then the clustering stack.
+    """
+
+    def __init__(self, opts: SortOptions, files: list[Path],
+                 embedder: Embedder | Callable[[], Embedder], key: CacheKey | None,
+                 input_size: int | None, tmp: Path, started: float) -> None:
+        self.opts = opts
+        self.files = files
+        self.started = started
+        self.ok = np.zeros(len(files), dtype=bool)
+        self.rows = _Rows(tmp / "embeddings.f32", len(files))
+        self.unreadable: list[tuple[Path, ImageError]] = []
+        self.embedded = self.cached = self.from_store = 0
+        self.device: str | None = None
+        self.workers = opts.workers or cpu_count()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="segd-load")
+        self._clustering: Future[object] | None = None
+        self._clustering_lock = threading.Lock()  # decoder threads may ask for it too
+        self._make = embedder if not isinstance(embedder, Embedder) else None
+        self._embedder = embedder if isinstance(embedder, Embedder) else None
+        self._building: Future[Embedder] | None = None
+        self._input_size = self._embedder.input_size if self._embedder else input_size
+        self._decode_opts: DecodeOptions | None = None
+        self._first_decoded = threading.Event()
+        reuse = opts.reuse
+        self.cache: EmbeddingCache | None = None
+        self.store: StoreReader | None = None
+        self.progress: Progress | None = None
+        try:
+            self.cache = open_cache(reuse)
+            if (self.cache is not None or reuse.store_path is not None) and key is None:
+                key = _key_of(self._get_embedder(), opts)
+            self.key = key
+            if reuse.store_path is not None and key is not None:
+                self.store = StoreReader.open(reuse.store_path, key)
+            self.progress = Progress(len(files), "embedding", enabled=opts.progress)
+        except BaseException:
+            self.__exit__()
+            raise
+        self._store_checked = False
+        self._shas: dict[int, str] = {}  # file index -> sha256 of the bytes decoded
+
+    def __enter__(self) -> _Embedding:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.cache is not None:
+            self.cache.close()
+        if self.store is not None:
+            self.store.close()
+        self._loader.shutdown(wait=True, cancel_futures=True)  # no thread outlives the run
+
+    @property
+    def reusing(self) -> bool:
+        return self.cache is not None or self.store is not None
+
+    def run(self) -> None:
+        assert self.progress is not None
+        for batch in embed_stream(self._misses(), self._decode, self._embed,
+                                  batch_size=self.opts.batch_size, workers=self.workers):
+            failed = 0
+            fresh: list[tuple[str, np.ndarray]] = []
+            for result in batch:
+                index = result.item
+                if result.error is not None:
+                    self.unreadable.append((self.files[index], result.error))
+                    failed += 1
+                    continue
+                assert result.embedding is not None
+                self.rows.write(index, result.embedding)
+                self.ok[index] = True
+                self.embedded += 1
+                sha = self._shas.pop(index, None)
+                if sha is not None:
+                    fresh.append((sha, result.embedding))
+            if self.cache is not None and self.key is not None:
+                self.cache.put_many(self.key.digest, fresh)
+            self.progress.advance(len(batch), failed)
+        self._load_clustering()  # every image was found: nothing started it yet
+
+    def wait_for_clustering(self) -> None:
+        """Let the background import of the clustering stack finish (a failure is left to
+        the caller's own import to raise)."""
+        self._load_clustering()
+        assert self._clustering is not None
+        with contextlib.suppress(Exception):
+            self._clustering.result()
+
+    def _load_clustering(self) -> None:
+        with self._clustering_lock:
+            if self._clustering is None:
+                self._clustering = self._loader.submit(importlib.import_module, CLUSTER_MODULE)
+
+    # ---- the files the network must see
+
+    def _misses(self) -> Iterator[int]:
+        """File indices not found before, in order; the found ones are written meanwhile."""
+        if not self.reusing:
+            self._start_network()
+            yield from range(len(self.files))
+            return
+        assert self.progress is not None
+        limit = self.opts.decode.max_file_bytes
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="segd-hash") as pool:
+            for lo, hi in _chunks(len(self.files)):
+                shas = list(pool.map(lambda p: file_sha256(p, limit), self.files[lo:hi]))
+                found = self._lookup(dict(zip(range(lo, hi), shas, strict=True)))
+                for index, sha in enumerate(shas, start=lo):
+                    vector = found.get(sha) if sha is not None else None
+                    if vector is None:
+                        self._start_network()
+                        yield index
+                    else:
+                        self.rows.write(index, vector)
+                        self.ok[index] = True
+                if found:
+                    self.progress.advance(len(found))
+                if len(found) == hi - lo:
+                    self._load_clustering()  # no decoding to start first
+
+    def _lookup(self, shas: dict[int, str | None]) -> dict[str, np.ndarray]:
+        """The known vectors of one chunk's files (index -> sha256), by sha256."""
+        assert self.key is not None
+        wanted = [s for s in shas.values() if s is not None]
+        found: dict[str, np.ndarray] = {}
+        if self.cache is not None:
+            found = self.cache.get_many(self.key.digest, wanted)
+            self.cached += len(found)
+        rest = [s for s in wanted if s not in found]
+        if self.store is not None and rest:
+            stored = self.store.get_many(rest)
+            if stored and not self._store_checked:
+                self._store_checked = True
+                path_of = {sha: self.files[i] for i, sha in shas.items() if sha is not None}
+                if not verify_store([(path_of[s], v) for s, v in stored.items()],
+                                    self._embed_files, self.opts.decode.max_file_bytes):
+                    self.store.close()
+                    self.store = None
+                    stored = {}
+            self.from_store += len(stored)
+            found.update(stored)
+        return found
+
+    # ---- the network
+
+    def _start_network(self) -> None:
+        """Before the first miss is decoded: the decoders' options, and the embedder built
+        in the background when its input side is already known, else here."""
+        if self._decode_opts is not None:
+            return
+        if self._embedder is None and self._input_size is not None:
+            self._building = self._loader.submit(self._build)
+        size = self._input_size or self._get_embedder().input_size
+        self._decode_opts = dataclasses.replace(self.opts.decode, size=size)
+
+    def _build(self) -> Embedder:
+        assert self._make is not None
+        return self._make()
+
+    def _get_embedder(self) -> Embedder:
+        if self._embedder is None:
+            embedder = self._building.result() if self._building else self._build()
+            if self.key is not None and embedder.spec.sha256 != self.key.model_sha256:
+                raise SegdError(f"the model file {embedder.spec.path} changed while segd "
+                                "sort ran; run it again")
+            if self._input_size is not None and embedder.input_size != self._input_size:
+                raise SegdError(f"the model's input is {embedder.input_size} px, not the "
+                                f"{self._input_size} px its metadata gave")
+            self._embedder = embedder
+        if self.device is None:
+            self.device = self._embedder.report.summary
+        return self._embedder
+
+    def _decode(self, index: int) -> np.ndarray:
+        assert self._decode_opts is not None
+        path = self.files[index]
+        data, _ = read_image_file(path, self._decode_opts)
+        image = decode_bytes(data, self._decode_opts, name=str(path))
+        if self.cache is not None:
+            # The bytes decoded here, not those hashed for the lookup: the file may have
+            # changed in between, and the cache must hold the vector of these bytes.
+            self._shas[index] = hashlib.sha256(data).hexdigest()
+        if not self._first_decoded.is_set():
+            self._first_decoded.set()
+            log.debug("first image decoded %.3f s after the sort started",
+                      time.perf_counter() - self.started)
+            self._load_clustering()  # queued behind the embedder, if it is being built
+        return image
+
+    def _embed(self, images: np.ndarray) -> np.ndarray:
+        return self._get_embedder().embed(images)
+
+    def _embed_files(self, paths: Sequence[Path]) -> np.ndarray | None:
+        """Fresh vectors of a few files (checking the store), or None if one is unreadable."""
+        self._start_network()
+        embedder = self._get_embedder()
+        assert self._decode_opts is not None
+        try:
+            images = np.stack([decode_bytes(read_image_file(p, self._decode_opts)[0],
+                                            self._decode_opts, name=str(p)) for p in paths])
+        except ImageError:
+            return None
+        return embedder.embed(images)
+
+
+def _key_of(embedder: Embedder, opts: SortOptions) -> CacheKey:
+    """The cache key of an embedder built by the caller (no config at hand)."""
+    size = None if embedder.input_size == embedder.spec.input_size else embedder.input_size
+    return CacheKey(model_sha256=embedder.spec.sha256, input_size=size,
+                    resize=opts.decode.resize, mirror=embedder.mirror,
+                    precision=embedder.spec.precision, max_pixels=opts.decode.max_pixels)
+
+
+def _chunks(count: int) -> Iterator[tuple[int, int]]:
+    """(lo, hi) bounds of the lookup chunks: FIRST_CHUNK files, then doubling."""
+    lo, size = 0, FIRST_CHUNK
+    while lo < count:
+        yield lo, min(lo + size, count)
+        lo += size
+        size = min(2 * size, LAST_CHUNK)
 
 
 def _place_all(opts: SortOptions, readable: list[Path], labels: np.ndarray,

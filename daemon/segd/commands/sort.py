@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from segd.commands.options import parse_k
-from segd.config import Config
 from segd.core.errors import SegdError
+
+if TYPE_CHECKING:
+    from segd.batch.sort import SortResult
+    from segd.config import Config
+    from segd.core.cluster import FitParams
+
+CACHE_MAX_MB = 2048  # the embedding cache's default bound (--cache-max-mb)
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -29,43 +36,69 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--overview", type=Path, metavar="FILE",
                    help="write a contact sheet of each cluster's most typical images (PNG/JPG)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-cache", action="store_true",
+                   help="embed every image afresh: neither read nor write the embedding cache "
+                        "($XDG_CACHE_HOME/segd), nor read the daemon's store")
+    p.add_argument("--cache-max-mb", type=int, default=CACHE_MAX_MB, metavar="MB",
+                   help=f"bound of the embedding cache, least recently used evicted "
+                        f"(default {CACHE_MAX_MB})")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    # The scientific stack loads here, not when the parser is built: `segd --help` and the
-    # small commands stay instant.
+    # Neither the clustering stack nor onnxruntime loads here: decoding starts first, the
+    # network loads (in the background) only if some image is not in the cache, and
+    # scikit-learn after it (segd.batch.sort). `segd --help` and the small commands stay
+    # instant.
+    from segd.batch.known import ModelFile, ReuseOptions, cache_key
     from segd.batch.sort import SortOptions, run_sort
-    from segd.core.cluster import FitParams
     from segd.media.decode import DecodeOptions
     from segd.media.embed import Embedder
-    from segd.views.report import check_plotting_available, fit_table, plot_silhouette
+    from segd.state.cache import default_cache_path
+    from segd.views.report import check_plotting_available
 
     if args.plot:
         check_plotting_available()
-    fit_params = FitParams.from_config(config.clustering)
-    fit_params = dataclasses.replace(
-        fit_params, k=parse_k(args.k, fit_params.k),
-        k_min=args.k_min if args.k_min is not None else fit_params.k_min,
-        k_max=args.k_max if args.k_max is not None else fit_params.k_max)
-    if fit_params.k_min < 2 or fit_params.k_max < fit_params.k_min:
+    c = config.clustering
+    k = parse_k(args.k, c.k)
+    k_min = args.k_min if args.k_min is not None else c.k_min
+    k_max = args.k_max if args.k_max is not None else c.k_max
+    if k_min < 2 or k_max < k_min:
         raise SegdError("need 2 <= --k-min <= --k-max")
-    embedder = Embedder.from_config(config.model)
+    if args.cache_max_mb < 1:
+        raise SegdError("--cache-max-mb must be at least 1")
+
+    def fit_params() -> FitParams:
+        from segd.core.cluster import FitParams
+
+        return dataclasses.replace(FitParams.from_config(c), k=k, k_min=k_min, k_max=k_max)
+
+    reuse = ReuseOptions() if args.no_cache else ReuseOptions(
+        cache_path=default_cache_path(), cache_max_bytes=args.cache_max_mb * 2**20,
+        store_path=config.db_path)
+    # Read once: the cache key's hash, and the input side the decoders need before the
+    # network has loaded.
+    model = ModelFile.read(config.model)
+    key = cache_key(config.model, config.decode.max_pixels, model.sha256)
     opts = SortOptions(
         src=args.src, dest=args.dest, move=args.move, recursive=args.recursive,
         fit=fit_params, batch_size=config.model.batch_size, workers=config.decode.workers,
         decode=DecodeOptions(resize=config.model.resize, max_pixels=config.decode.max_pixels),
-        progress=not args.no_progress)
-    result = run_sort(opts, embedder)
+        progress=not args.no_progress, reuse=reuse)
+    result = run_sort(opts, lambda: Embedder.from_config(config.model), key, model.input_size)
+    report(args, result)
+    return 0
+
+
+def report(args: argparse.Namespace, result: SortResult) -> None:
+    from segd.views.report import fit_table, plot_silhouette
 
     chosen = result.fit.k if result.fit else len(result.sizes)
     print(fit_table(result.fit.scores if result.fit else {}, chosen, result.sizes))
     total = result.placed + len(result.unreadable)
-    rate = total / result.embed_seconds if result.embed_seconds > 0 else 0.0
     verb = "moved" if args.move else "copied"
     print(f"\n{verb} {result.placed} images into {len(result.sizes)} folders in {args.dest} "
-          f"({result.seconds:.1f} s, {rate:.1f} images/s embedded on "
-          f"{embedder.report.summary})")
+          f"({result.seconds:.1f} s, {embedding_summary(result, total)})")
     if result.unreadable:
         print(f"{len(result.unreadable)} unreadable files set aside in "
               f"{args.dest / '_unreadable'} (reasons in reasons.csv):")
@@ -83,4 +116,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
         write_overview([ClusterSample(f, result.sizes[f], result.samples[f])
                         for f in result.sizes], args.overview)
         print(f"overview written to {args.overview}")
-    return 0
+
+
+def embedding_summary(result: SortResult, total: int) -> str:
+    """Where the embeddings came from: the network's rate, the cache, the daemon's store."""
+    reused = result.cached + result.from_store
+    parts = []
+    if result.device is not None and (result.embedded or not reused):
+        computed = total - reused
+        rate = computed / result.embed_seconds if result.embed_seconds > 0 else 0.0
+        parts.append(f"{rate:.1f} images/s embedded on {result.device}")
+    if result.cached:
+        parts.append(f"{result.cached} embeddings from the cache")
+    if result.from_store:
+        parts.append(f"{result.from_store} from the daemon's store")
+    return "; ".join(parts) or "nothing to embed"
