@@ -8,13 +8,16 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from segd.config import Config
 from segd.service import control
 from segd.state.lock import read_lock_holder
-from segd.state.store import open_store
-from segd.views.quarantine_report import latest_quarantined, quarantine_lines
+
+if TYPE_CHECKING:
+    from segd.config import Config
+
+# The store (and numpy with it) is imported only when there is one to read: `segd status`
+# is asked often and must answer at once (tests/commands/test_imports.py).
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,9 @@ def collect_status(config: Config) -> dict[str, Any]:
     if not config.db_path.exists():
         status["store"] = None
         return status
+    from segd.state.store import open_store
+    from segd.views.quarantine_report import latest_quarantined
+
     store = open_store(config.db_path, readonly=True)
     try:
         with store.snapshot():
@@ -93,6 +99,8 @@ def status_command(config: Config, *, as_json: bool, overview: Path | None = Non
         return 0
     print(f"images:      {counts['sorted']} sorted, {counts['pending']} pending "
           f"(waiting in the inbox), {counts['quarantined']} quarantined")
+    from segd.views.quarantine_report import quarantine_lines
+
     for line in quarantine_lines(status["quarantine_latest"], counts["quarantined"]):
         print(line)
     fit = status["last_fit"]
@@ -113,6 +121,7 @@ def status_command(config: Config, *, as_json: bool, overview: Path | None = Non
 
 def write_library_overview(config: Config, out: Path, per_cluster: int = 8) -> None:
     """Contact sheet of the library: each cluster's images closest to its centroid."""
+    from segd.state.store import open_store
     from segd.views.overview import ClusterSample, write_overview  # OpenCV: only when asked
 
     store = open_store(config.db_path, readonly=True)
