@@ -42,6 +42,15 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--cache-max-mb", type=int, default=CACHE_MAX_MB, metavar="MB",
                    help=f"bound of the embedding cache, least recently used evicted "
                         f"(default {CACHE_MAX_MB})")
+    # The Ray engine (segd.batch.ray_engine, docs/scale.md): the optional extra `segd[ray]`.
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="embed here (default) or on a Ray cluster (pip install 'segd[ray]')")
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="with --engine ray: the cluster's head (default: start Ray here)")
+    p.add_argument("--shard-size", type=int, metavar="N",
+                   help="with --engine ray: files per unit of work (default 2000)")
+    p.add_argument("--actor-cpus", type=int, metavar="N",
+                   help="with --engine ray: CPUs per embedding actor on CPU nodes")
     p.set_defaults(handler=run)
 
 
@@ -85,7 +94,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
         fit=fit_params, batch_size=config.model.batch_size, workers=config.decode.workers,
         decode=DecodeOptions(resize=config.model.resize, max_pixels=config.decode.max_pixels),
         progress=not args.no_progress, reuse=reuse)
-    result = run_sort(opts, lambda: Embedder.from_config(config.model), key, model.input_size)
+    if args.engine == "local" and (args.address or args.shard_size or args.actor_cpus):
+        raise SegdError("--address, --shard-size and --actor-cpus go with --engine ray")
+    if args.engine == "ray":
+        from segd.batch.ray_engine import ray_options, run_sort_ray
+
+        result = run_sort_ray(opts, config.model, ray_options(args))
+    else:
+        result = run_sort(opts, lambda: Embedder.from_config(config.model), key, model.input_size)
     report(args, result)
     return 0
 
