@@ -282,3 +282,19 @@ def test_undo_without_a_daemon_and_across_a_restart(env: Env) -> None:
     assert env.picture() == before  # the start-up reconciliation finds nothing to change
     env.finish()
 
+
+
+def test_the_users_day_while_the_daemon_runs_then_a_forced_refit(env: Env) -> None:
+    """The reported day: the user works while segd runs, then asks for a refit that picks
+    a small k. The refit follows the day before it re-files, and moves none of it."""
+    env.daemon.start()
+    env.seed()
+    day = users_day(env)
+    rc, out = env.cli("refit", "--k", "2")
+    assert rc == 0 and "asked the running daemon" in out, out
+    log = env.daemon.log()
+    assert "gone from the library" not in log, env.daemon.log_tail()
+    check_day(env, day, rename_kept=False)
+    env.restart()
+    check_day(env, day, rename_kept=False)
+    env.finish()
