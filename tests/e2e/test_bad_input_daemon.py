@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import photos, wait_until
+from daemon_harness import photos, status_json, wait_until
 from reliability_env import Env
 
 slow = pytest.mark.slow
@@ -118,6 +118,18 @@ def test_every_bad_input_through_the_daemon(env: Env) -> None:
     env.drop_bytes("half.jpg", ph[15].read_bytes()[:3000])
     tried += ["zero.jpg", "random.jpg", "text.png", "half.jpg"]
 
+    # ---- bad bytes under names reasons.tsv must escape (exactly as written here)
+    odd_bad = {b"bad\nnewline.jpg": (b"", "bad\\nnewline.jpg"),
+               b"bad\ttab.jpg": (b"hello\n" * 50, "bad\\ttab.jpg"),
+               b"bad-\xff\xfe.jpg": (rng.randbytes(5000), "bad-\\xff\\xfe.jpg"),
+               b"bad\\back\\n.jpg": (ph[15].read_bytes()[:2000], "bad\\\\back\\\\n.jpg")}
+    for raw, (data, _) in odd_bad.items():
+        path = os.path.join(binbox, raw)
+        with open(path, "wb") as fh:
+            fh.write(data)
+        env.ledger.record(path, data)
+        tried.append(repr(raw))
+
     # ---- odd names (good photos)
     good("new\nline.jpg", 16)
     good("tab\there.jpg", 17)
@@ -157,12 +169,25 @@ def test_every_bad_input_through_the_daemon(env: Env) -> None:
         assert q.is_symlink() and os.readlink(q) == target, name
     reasons = (env.tree.quarantine / "reasons.tsv").read_text(encoding="utf-8")
     assert "symbolic link (not followed)" in reasons
-    assert "new\\nline.jpg" in reasons or "new\nline.jpg" not in reasons  # one line per file
+    # One line per quarantined file, three tab-separated fields, names escaped exactly.
+    lines = reasons.splitlines()
+    rows = [line.split("\t") for line in lines]
+    assert all(len(r) == 3 for r in rows), lines
+    by_name = {name: reason for _, name, reason in rows}
+    assert len(by_name) == len(rows) == len(links) + 4 + len(odd_bad), lines
+    for raw, (_, escaped) in odd_bad.items():
+        assert os.path.isfile(os.path.join(os.fsencode(env.tree.quarantine), raw)), raw
+        assert escaped in by_name, (escaped, sorted(by_name))
+    assert by_name["bad\\nnewline.jpg"].startswith("empty:"), by_name
     for name in ("zero.jpg", "random.jpg", "text.png", "half.jpg"):
         assert (env.tree.quarantine / name).is_file(), name
+    # `segd status` shows the latest of the same reasons, escaped the same way.
+    latest = status_json(env.config)["quarantine_latest"]
+    assert len(latest) == min(10, len(rows)), latest
+    assert all(by_name.get(e["name"]) == e["reason"] for e in latest), (latest, by_name)
     assert any(n.startswith(b"\xff\xfe") for d in env.tree.library.iterdir()
                for n in _entries(d)), "the non-UTF-8 name was not kept byte for byte"
     summary = env.finish()
     sock.close()
     print(f"[bad input] {len(tried)} inputs tried; {summary.describe()}")
-    assert summary.quarantined == len(links) + 4
+    assert summary.quarantined == len(links) + 4 + len(odd_bad)
