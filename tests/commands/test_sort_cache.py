@@ -168,6 +168,13 @@ def test_another_model_or_other_preprocessing_misses(
     assert sort(src, tmp_path / "d6", smaller, cache=cache).cached == N
 
 
+def test_the_command_lines_default_bound_is_the_caches() -> None:
+    from segd.commands.sort import CACHE_MAX_MB
+    from segd.state.cache import DEFAULT_MAX_BYTES
+
+    assert CACHE_MAX_MB * 2**20 == DEFAULT_MAX_BYTES
+
+
 def test_unreadable_files_are_reported_as_before_and_never_cached(
         src: Path, tmp_path: Path, embedder: Embedder) -> None:
     cache = tmp_path / "cache" / "embeddings.sqlite"

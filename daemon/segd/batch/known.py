@@ -23,7 +23,7 @@ from segd.media.embed import ModelSpec, default_model_path, import_onnxruntime, 
 from segd.media.headers import probe_size
 from segd.media.providers import choose_providers, on_gpu
 from segd.media.reader import read_regular_file
-from segd.state.cache import CacheKey, EmbeddingCache
+from segd.state.cache import DEFAULT_MAX_BYTES, CacheKey, EmbeddingCache
 
 if TYPE_CHECKING:
     from segd.state.store import Store
@@ -42,7 +42,7 @@ class ReuseOptions:
     """Where `segd sort` may find embeddings before running the network."""
 
     cache_path: Path | None = None  # None: no cache (--no-cache)
-    cache_max_bytes: int = 2 * 1024**3
+    cache_max_bytes: int = DEFAULT_MAX_BYTES
     store_path: Path | None = None  # the daemon's segd.db; None: not consulted
 
 

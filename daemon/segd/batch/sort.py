@@ -8,9 +8,10 @@ daemon's store (`known`); only the rest is decoded and embedded, and those vecto
 cache. Rows keep the order of the files whatever their source, so a cached run clusters
 exactly as a fresh one.
 
-Start-up order: decoding starts before the clustering stack (scikit-learn, SciPy) is
-imported. That import then runs in a background thread while the images are decoded, so it
-neither delays the first image nor adds to the run.
+Start-up order: decoding starts first. The network (onnxruntime, when the input side is known
+from the model file) and then the clustering stack (scikit-learn, SciPy) load on a
+background thread while the first images are decoded, so neither delays the first image and
+the clustering stack adds nothing to a run that embeds.
 """
 
 from __future__ import annotations
