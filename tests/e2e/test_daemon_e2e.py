@@ -487,7 +487,7 @@ def test_renamed_cluster_folder_and_moved_photo_are_followed(
     moved = next(p for p in sorted(other.iterdir()))
     os.rename(moved, again / moved.name)
     env.daemon.start()
-    env.daemon.wait_for_log("1 file\\(s\\) moved between clusters by a user followed")
+    env.daemon.wait_for_log("1 file\\(s\\) placed by you pinned to their folder")
     (dst,) = env.copy([source], "after_offline_rename_")
     tree.wait_drained(43, 60, env.daemon)
     assert tree.where(dst.name) == [again / dst.name]
