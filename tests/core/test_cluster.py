@@ -167,24 +167,16 @@ def test_identical_embeddings_score_as_the_worst_clustering() -> None:
     assert fixed.silhouette == -1.0
 
 
-def test_a_one_cluster_labelling_never_wins_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Three clear blobs; the KMeans run for k = 4 collapses to a single label. Scored -1 it
-    # loses to the real k = 3; scored as a perfect 1.0 it would be chosen.
-    real = cluster._kmeans
-
-    class Collapsed:
-        def fit_predict(self, z: np.ndarray) -> np.ndarray:
-            return np.zeros(len(z), dtype=np.int32)
-
-    def kmeans(k: int, n: int, params: FitParams) -> object:
-        return Collapsed() if k == 4 else real(k, n, params)
-
-    monkeypatch.setattr(cluster, "_kmeans", kmeans)
+def test_a_one_cluster_labelling_scores_below_any_real_one() -> None:
+    # Every row in one cluster: the worst score, below the worst real labelling, so it can
+    # never be preferred to a k that found clusters.
     x, labels, _ = blobs(3, 30, seed=8, dim=SMALL)
-    result = fit(x, FitParams(k_max=5))
-    assert result.scores[4] == -1.0
-    assert result.k == 3
-    assert_found(result, labels)
+    params = FitParams()
+    collapsed = cluster._silhouette(x, np.zeros(len(x), dtype=np.int64), params)
+    assert collapsed == -1.0
+    shuffled = np.random.default_rng(1).permutation(labels)  # a poor but real labelling
+    assert cluster._silhouette(x, shuffled, params) > collapsed
+    assert cluster._silhouette(x, labels, params) > 0.1
 
 
 def test_fewer_than_two_embeddings_refused() -> None:
