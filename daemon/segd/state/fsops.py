@@ -102,10 +102,29 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(folder: Path, mode: int = 0o777) -> None:
+    """`mkdir -p` that survives a power cut: each folder made here is fsynced into its
+    parent. A new name is durable only once its directory is synced, and files linked into
+    a folder whose own name is lost are lost with it (their source already unlinked)."""
+    missing: list[Path] = []
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for made in reversed(missing):
+        try:
+            os.mkdir(made, mode)
+        except FileExistsError:
+            if not made.is_dir():
+                raise
+        fsync_dir(made.parent)
+
+
 def place_copy(src: Path, folder: Path, name: str, tag: str, *, sync: bool = True) -> Path:
     """Copy `src` into `folder` without ever overwriting; `src` stays. Returns the new path.
     With sync=False the caller syncs later (the source still exists, nothing can be lost)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     tmp = copy_to_temp(src, folder, tag, sync=sync)
     try:
         final = link_no_clobber(tmp, folder, name)
@@ -124,7 +143,7 @@ def place_move(src: Path, folder: Path, name: str, tag: str) -> Path:
     fsync, link, then unlink the source. The source is unlinked only if it is still the
     file that was placed, so a new file dropped under the same name meanwhile survives.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     before = os.lstat(src)
     if before.st_dev == os.stat(folder).st_dev:
         final = link_no_clobber(src, folder, name)
@@ -153,7 +172,7 @@ def remove_if_unchanged(path: Path, expected: os.stat_result, *, sync: bool = Tr
 
 def write_csv_new(folder: Path, name: str, header: list[str], rows: list[list[object]]) -> Path:
     """Write a CSV under `name` (or a free suffixed name), complete or not at all."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{name}"
     try:
         with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:

@@ -37,6 +37,7 @@ from segd.core.corrections import (
 from segd.core.errors import ImageError, SegdError
 from segd.core.filing import Filing
 from segd.core.library import UNREADABLE_FOLDER, safe_folder
+from segd.state import fsops
 from segd.state.store import META_MODEL, ClusterRow, ImageRow, MoveRow, Store
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def resolve_cluster_folder(store: Store, library: Path, cluster_id: int) -> Path
             log.info("cluster folder %s was renamed to %s; following it (%d images)",
                      cluster.folder, renamed.name, count)
             return renamed
-    folder.mkdir(parents=True, exist_ok=True)
+    fsops.make_dirs(folder)  # durable before any file is moved into it
     store.set_meta(_inode_key(cluster_id), _identity(folder) or "")
     return folder
 
