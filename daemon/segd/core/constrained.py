@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segd.core.cluster import ChunkSource, FitCancelled, assign, normalize_rows
+from segd.core.cluster import ChunkSource, FitCancelled, normalize_rows
 
 FREE = -1  # the value of `fixed` for a row the iterations may move
 
@@ -56,17 +56,16 @@ def constrained_kmeans_stream(read_chunks: ChunkSource, n: int, init: np.ndarray
     if fixed.max(initial=FREE) >= k or fixed.min(initial=FREE) < FREE:
         raise ValueError(f"fixed holds a cluster index outside 0..{k - 1}")
     centroids = normalize_rows(np.asarray(init, dtype=np.float32))
-    labels = _assign(read_chunks, n, centroids, fixed, should_stop)
+    labels, distances = _assign(read_chunks, n, centroids, fixed, should_stop)
     iterations, converged = 0, False
     while iterations < max_iter:
         centroids = _means(read_chunks, labels, centroids, should_stop)
-        new = _assign(read_chunks, n, centroids, fixed, should_stop)
+        new, distances = _assign(read_chunks, n, centroids, fixed, should_stop)
         iterations += 1
         converged = bool(np.array_equal(new, labels))
         labels = new
         if converged:
             break
-    distances = _distances(read_chunks, labels, centroids)
     return ConstrainedFit(labels=labels, distances=distances, centroids=centroids,
                           iterations=iterations, converged=converged)
 
@@ -77,19 +76,25 @@ def _check(should_stop: Callable[[], bool] | None) -> None:
 
 
 def _assign(read_chunks: ChunkSource, n: int, centroids: np.ndarray, fixed: np.ndarray,
-            should_stop: Callable[[], bool] | None) -> np.ndarray:
+            should_stop: Callable[[], bool] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, cosine distance of each row to its own centroid), in one pass."""
     labels = np.empty(n, dtype=np.int64)
+    distances = np.empty(n, dtype=np.float32)
     start = 0
     for chunk in read_chunks():
         _check(should_stop)
         stop = start + len(chunk)
-        nearest, _ = assign(np.asarray(chunk, dtype=np.float32), centroids)
+        if stop > n:
+            raise ValueError(f"the chunk source gave more than {n} rows")
+        sims = np.asarray(chunk, dtype=np.float32) @ centroids.T
         held = fixed[start:stop]
-        labels[start:stop] = np.where(held >= 0, held, nearest)
+        own = np.where(held >= 0, held, np.argmax(sims, axis=1))
+        labels[start:stop] = own
+        distances[start:stop] = np.clip(1.0 - sims[np.arange(len(own)), own], 0.0, 2.0)
         start = stop
     if start != n:
         raise ValueError(f"the chunk source gave {start} rows, expected {n}")
-    return labels
+    return labels, distances
 
 
 def _means(read_chunks: ChunkSource, labels: np.ndarray, previous: np.ndarray,
@@ -106,14 +111,3 @@ def _means(read_chunks: ChunkSource, labels: np.ndarray, previous: np.ndarray,
     empty = ~np.any(sums != 0.0, axis=1)
     sums[empty] = previous[empty]
     return normalize_rows(sums).astype(np.float32)
-
-
-def _distances(read_chunks: ChunkSource, labels: np.ndarray,
-               centroids: np.ndarray) -> np.ndarray:
-    out, start = [], 0
-    for chunk in read_chunks():
-        part = labels[start:start + len(chunk)]
-        sims = np.einsum("ij,ij->i", np.asarray(chunk, dtype=np.float32), centroids[part])
-        out.append(np.clip(1.0 - sims, 0.0, 2.0).astype(np.float32))
-        start += len(chunk)
-    return np.concatenate(out) if out else np.empty(0, np.float32)
