@@ -133,3 +133,13 @@ def test_a_refit_that_changed_nothing_leaves_the_last_one_undoable(lib: Lib) -> 
     point = lib.store.last_refit()
     assert point is not None and point.id == refit_id
     assert undo_last_refit(lib.store, lib.config).refit_id == refit_id
+
+
+def test_only_the_last_refit_keeps_its_undo_point(lib: Lib) -> None:
+    first = lib.refit()
+    assert lib.store.refit_moves(first)
+    with undo_point(lib.store) as second:
+        lib.store.update_cluster(lib.cid["cats"], centroid=lib.unit())
+    assert lib.store.refit_moves(first) == [] and lib.store.clusters_before(first) == []
+    point = lib.store.last_refit()
+    assert point is not None and point.id == second

@@ -240,9 +240,9 @@ class MoveJournal(ImageTable):
             )
 
     def close_refit(self, refit_id: int) -> None:
-        """The refit is applied: stop recording moves, note when it finished. A refit that
-        changed nothing (no move, every cluster as it was) leaves no undo point, so `segd
-        undo` reaches the last one that did."""
+        """The refit is applied: stop recording moves, note when it finished, and drop the
+        older undo points. A refit that changed nothing (no move, every cluster as it was)
+        leaves no undo point, so `segd undo` reaches the last one that did."""
         if self._refit_tag == refit_id:
             self._refit_tag = None
         with self._write(f"close refit {refit_id}") as conn:
@@ -260,6 +260,8 @@ class MoveJournal(ImageTable):
             else:
                 conn.execute("UPDATE refits SET finished_at = ? WHERE id = ?",
                              (time.time(), refit_id))
+                # Only the last refit can be undone: older points are dead weight.
+                conn.execute("DELETE FROM refits WHERE id < ?", (refit_id,))
 
     def last_refit(self) -> RefitPoint | None:
         with self._guard("read last refit") as conn:
