@@ -39,7 +39,8 @@ def main() -> int:
     ap.add_argument("--burst", type=int, default=10)
     ap.add_argument("--refit-k", type=int, default=4)
     ap.add_argument("--models", default="posix,ext4")
-    ap.add_argument("--torn", action="store_true", help="also page-granular writes")
+    ap.add_argument("--torn", action="store_true",
+                    help="each page of each write may be lost on its own (torn writes)")
     ap.add_argument("--no-pairs", action="store_true", help="drop single units only")
     ap.add_argument("--sample", type=int, default=None, help="states per recording")
     ap.add_argument("--daemon", type=int, default=0,
@@ -67,13 +68,12 @@ def main() -> int:
                               refit_k=args.refit_k)
         with open(saved, "wb") as fh:
             pickle.dump(scen, fh)
-    print(f"recorded in {time.monotonic() - started:.1f} s: " + ", ".join(
+    verb = "loaded" if args.reuse and saved.exists() else "recorded"
+    print(f"{verb} in {time.monotonic() - started:.1f} s: " + ", ".join(
         f"{name} {len(rec.ops)} ops ({scen.seconds[name]:.1f} s)"
         for name, rec in scen.recordings.items()))
     figures: list[Figures] = []
-    variants = [(m, False) for m in args.models.split(",")]
-    if args.torn:
-        variants += [(m, True) for m in args.models.split(",")]
+    variants = [(m, args.torn) for m in args.models.split(",")]
     only = args.only.split(",") if args.only else list(scen.recordings)
     for name, rec in scen.recordings.items():
         if name not in only:

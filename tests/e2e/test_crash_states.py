@@ -31,8 +31,9 @@ from daemon_harness import write_config
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not strace.available(),
-                       reason="strace is not installed (apt-get install strace): the crash "
-                              "states are built from the daemon's recorded system calls"),
+                       reason="strace is not installed (apt-get install strace) or may not "
+                              "trace here (ptrace forbidden): the crash states are built "
+                              "from the daemon's recorded system calls"),
 ]
 
 SAMPLE = 500  # states per recording: every kill -9 and lose-everything state, then random
@@ -44,9 +45,10 @@ PLACEHOLDER = "empty sha256 on a row that is not quarantined"
 
 @pytest.fixture(scope="module")
 def scen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
-    base = work_root(tmp_path_factory.mktemp("crash"))
+    disk = tmp_path_factory.mktemp("crash")
+    base = work_root(disk)
     try:
-        yield build_quick(base / "tree", base / "traces")
+        yield build_quick(base / "tree", disk / "traces")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

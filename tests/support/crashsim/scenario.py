@@ -222,7 +222,7 @@ def work_root(fallback: Path) -> Path:
     """A folder on tmpfs when there is one (the checks sync nothing real then: the model
     decides what a crash keeps, not the disk), else `fallback`."""
     shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 256 << 20:
         return Path(tempfile.mkdtemp(prefix="segd-crash-", dir=shm))
     fallback.mkdir(parents=True, exist_ok=True)
     return fallback
