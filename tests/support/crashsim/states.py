@@ -86,6 +86,7 @@ class Explorer:
         (len(ops) if none does). A sync covers what returned before it was called."""
         n = len(self.ops)
         syncs = [(i, op) for i, op in enumerate(self.ops) if isinstance(op, Sync)]
+        seqs = [op.seq for op in self.ops]
         out = [n] * n
         for i, op in enumerate(self.ops):
             if isinstance(op, Sync):
@@ -99,9 +100,9 @@ class Explorer:
                 need = {op.objects[0]}
             done: set[int | None] = set()
             for j, sync in syncs:
-                if j <= i or sync.start <= op.seq:  # type: ignore[attr-defined]
+                if j <= i or sync.start <= seqs[i]:
                     continue
-                target = sync.ino  # type: ignore[attr-defined]
+                target = sync.ino
                 if target is None or (self.model == "ext4" and not op.is_data):
                     done = set(need)
                 elif target in need:
