@@ -292,8 +292,8 @@ def chunked(x: np.ndarray, rows: int) -> Iterator[np.ndarray]:
 # ---- of the input decides between sklearn and the subset-then-refine fit.
 
 # Above this many rows the final fit starts from centroids fitted on a subset and refines
-# them over every row (core.kmeans_large): at 1e6 x 32, k = 10, 0.6 s against 7.5 s for
-# MiniBatchKMeans, with the same labels (docs/scale.md).
+# them over every row (core.kmeans_large): at 1e6 x 32, k = 10, overlapping blobs, 1.9 s
+# and ARI 0.999 against 11.2 s and ARI 0.87 for MiniBatchKMeans (docs/scale.md).
 LARGE_FIT_ABOVE = 100_000
 
 
