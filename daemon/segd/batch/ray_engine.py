@@ -172,6 +172,11 @@ class JobProgress(Progress):
 def run_sort_ray(opts: SortOptions, model: ModelConfig, ray_opts: RayOptions) -> SortResult:
     """`segd sort` on Ray: the local engine's result, manifest and folders (see module doc)."""
     started = time.perf_counter()
+    explicit = ray_opts.address or os.environ.get("RAY_ADDRESS")
+    if explicit and ({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & os.environ.keys()):
+        # Ray enables token authentication by itself only for a cluster it finds locally;
+        # a token given for an explicit address means the cluster wants it.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray = import_ray()
     if not opts.src.is_dir():
         raise SegdError(f"source folder not found: {opts.src}")
@@ -195,8 +200,9 @@ def run_sort_ray(opts: SortOptions, model: ModelConfig, ray_opts: RayOptions) ->
             log.info("resuming the placement planned in %s", job_dir)
             embed_seconds = 0.0
         else:
+            listing = time.perf_counter()  # Ray is up: from here, as the local engine
             fit, plan = _embed_and_plan(ray, opts, model, ray_opts, params, shape, stats)
-            embed_seconds = stats.embed_seconds - started
+            embed_seconds = stats.embed_seconds - listing
             _write_job(job_dir, fingerprint, fit, plan)
         outcomes = _place(ray, opts, plan, job_dir, ray_opts.place_slice, shape)
         manifest = placement.write_manifest(opts.dest, plan, outcomes)
@@ -453,18 +459,21 @@ def _nodes(ray: ModuleType) -> list[NodeResources]:
 
 @contextlib.contextmanager
 def _connected(ray: ModuleType, address: str | None) -> Iterator[None]:
-    """Use the Ray session this process already has, else connect (and disconnect after)."""
+    """Use the Ray session this process already has, else connect (and disconnect after):
+    to `address`, else $RAY_ADDRESS, else a new local instance."""
     if ray.is_initialized():
         yield
         return
     try:
         # "local", never a bare init: that would attach to whatever cluster a stale
         # /tmp/ray/ray_current_cluster names, dead or not.
-        ray.init(address=address or "local", include_dashboard=False,
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
+                 include_dashboard=False,
                  logging_level=logging.WARNING)
     except Exception as exc:
         hint = (" (a token-authenticated cluster: set RAY_AUTH_TOKEN to the head's token, "
-                "`ray get-auth-token` there)" if "auth" in str(exc).lower() else "")
+                "which `ray get-auth-token` prints there; docs/scale.md)"
+                if "auth" in str(exc).lower() else "")
         raise SegdError(f"cannot reach the Ray cluster at {address or 'a new local one'}: "
                         f"{_last_line(exc)}{hint}") from exc
     try:
