@@ -15,6 +15,7 @@ from typing import Any, Final, Self
 import numpy as np
 
 from segd.core.errors import StoreError
+from segd.state import fsops
 from segd.state.schema import EMBEDDING_DIM, META_DIM, META_MODEL, check_version, migrate, read_dim
 
 BUSY_TIMEOUT_MS: Final = 10_000
@@ -265,7 +266,7 @@ def _precreate(path: Path) -> None:
     # -shm with the main file's permission bits. Doing it with os.open instead of changing the
     # umask keeps other threads' file creation unaffected (umask is process-wide).
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fsops.make_dirs(path.parent, 0o700)  # durable: it will hold the journal
     except OSError as e:
         raise StoreError(f"{path.parent}: cannot create state directory: {e}") from e
     try:

@@ -60,7 +60,7 @@ def journaled_moves(store: Store, plans: list[MovePlan]) -> list[Path | Exceptio
     chosen: set[Path] = set()
     for i, plan in enumerate(plans):
         try:
-            plan.folder.mkdir(parents=True, exist_ok=True)
+            fsops.make_dirs(plan.folder)
             before = os.lstat(plan.src)
             if plan.expected is not None and not _same_file(before, plan.expected):
                 raise SourceChangedError(plan.src)
@@ -114,7 +114,7 @@ def _free(store: Store, dst: Path) -> bool:
 
 def journaled_move(store: Store, plan: MovePlan) -> Path:
     """Move plan.src into plan.folder under plan.name or a free suffixed name."""
-    plan.folder.mkdir(parents=True, exist_ok=True)
+    fsops.make_dirs(plan.folder)
     before = os.lstat(plan.src)
     expected = plan.expected
     if expected is not None and not _same_file(before, expected):
