@@ -24,6 +24,7 @@ GpuPolicy = Literal["preferred", "required", "off"]
 Precision = Literal["fp32", "fp16"]
 ResizePolicy = Literal["crop", "squash"]
 RefitAction = Literal["move", "keep"]
+KRule = Literal["strength", "silhouette"]
 IoBinding = Literal["auto", "on", "off"]
 
 
@@ -51,6 +52,10 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class ClusteringConfig:
     k: int | Literal["auto"] = "auto"
+    # How k = auto chooses (segd.core.kselect): "strength" = the silhouette below 150 images,
+    # prediction strength with a no-structure test above (on the projection: with
+    # pca_dims 0 the silhouette decides); "silhouette" = the silhouette only.
+    k_rule: KRule = "strength"
     k_min: int = 2
     k_max: int = 10
     min_images: int = 20

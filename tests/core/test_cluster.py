@@ -1,4 +1,4 @@
-"""The clustering core: k by the silhouette, streaming, MiniBatch, assignment and matching.
+"""The clustering core: choosing k, streaming, MiniBatch, assignment and matching.
 
 Synthetic data are Gaussian blobs on the unit sphere in 1280 dimensions (the embedding
 size): random unit centres (nearly orthogonal in 1280-d), isotropic noise, re-normalised.
@@ -78,7 +78,8 @@ def assert_consistent(result: FitResult, x: np.ndarray) -> None:
 def test_silhouette_finds_the_true_k(k: int) -> None:
     sizes = [25 + 7 * i for i in range(k)]  # unequal blobs
     x, labels, _ = blobs(k, sizes, seed=k)
-    result = fit(x, FitParams())
+    result = fit(x, FitParams(k_rule="silhouette"))
+    assert result.rule == "silhouette" and result.structured
     assert sorted(result.scores) == list(range(2, 11))
     assert max(result.scores, key=result.scores.__getitem__) == k
     assert result.silhouette == result.scores[k]
@@ -248,11 +249,13 @@ def test_without_projection() -> None:
 
 
 def test_params_from_config() -> None:
-    c = ClusteringConfig(k=6, k_min=3, k_max=9, random_state=5, n_init=2,
-                         silhouette_sample=500, minibatch_above=77, pca_dims=16)
-    assert FitParams.from_config(c) == FitParams(k=6, k_min=3, k_max=9, random_state=5,
-                                                 n_init=2, silhouette_sample=500,
-                                                 minibatch_above=77, pca_dims=16)
+    c = ClusteringConfig(k=6, k_rule="silhouette", k_min=3, k_max=9, random_state=5,
+                         n_init=2, silhouette_sample=500, minibatch_above=77, pca_dims=16)
+    assert FitParams.from_config(c) == FitParams(k=6, k_rule="silhouette", k_min=3, k_max=9,
+                                                 random_state=5, n_init=2,
+                                                 silhouette_sample=500, minibatch_above=77,
+                                                 pca_dims=16)
+    assert FitParams.from_config(ClusteringConfig()).k_rule == "strength"
 
 
 # --------------------------------------------------------------------------- centroids

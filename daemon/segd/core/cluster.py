@@ -1,4 +1,4 @@
-"""Clustering core: project, choose k by the silhouette, fit KMeans, assign, match identities.
+"""Clustering core: project, choose k (core.kselect), fit KMeans, assign, match identities.
 
 Pure numpy / scikit-learn; no files, no store. Embeddings arrive L2-normalised (n, d) float32.
 
@@ -25,12 +25,12 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
 
-from segd.config import ClusteringConfig
-from segd.core import kmeans_large
+from segd.config import ClusteringConfig, KRule
+from segd.core import kmeans_large, kselect
 
 ChunkSource = Callable[[], Iterable[np.ndarray]]
 
-# k is chosen on a random subset of at most this many rows: the silhouette only needs a few
+# k is chosen on a random subset of at most this many rows: the rules only need a few
 # thousand points, and KMeans on a subset of this size finds the same structure.
 SELECTION_SAMPLE = 20_000
 # Rows used to estimate the principal components.
@@ -40,6 +40,7 @@ PCA_SAMPLE = 20_000
 @dataclass(frozen=True)
 class FitParams:
     k: int | str = "auto"  # "auto" or a fixed number of clusters
+    k_rule: KRule = "strength"  # how "auto" chooses (core.kselect); pca_dims 0: silhouette
     k_min: int = 2
     k_max: int = 10
     random_state: int = 0
@@ -51,9 +52,10 @@ class FitParams:
 
     @classmethod
     def from_config(cls, c: ClusteringConfig) -> FitParams:
-        return cls(k=c.k, k_min=c.k_min, k_max=c.k_max, random_state=c.random_state,
-                   n_init=c.n_init, silhouette_sample=c.silhouette_sample,
-                   minibatch_above=c.minibatch_above, pca_dims=c.pca_dims)
+        return cls(k=c.k, k_rule=c.k_rule, k_min=c.k_min, k_max=c.k_max,
+                   random_state=c.random_state, n_init=c.n_init,
+                   silhouette_sample=c.silhouette_sample, minibatch_above=c.minibatch_above,
+                   pca_dims=c.pca_dims)
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,15 @@ class FitResult:
     labels: np.ndarray  # (n,) int, in the order the rows were given
     distances: np.ndarray  # (n,) cosine distance of each row to its centroid
     centroids: np.ndarray  # (k, d) L2-normalised, in the original embedding space
-    scores: dict[int, float] = field(default_factory=dict)  # silhouette for each k tried
-    silhouette: float | None = None  # at the chosen k (None when k was fixed and k < 2)
+    # The choosing rule's figure for each k tried (prediction strength or silhouette).
+    scores: dict[int, float] = field(default_factory=dict)
+    silhouette: float | None = None  # at the chosen k (None when k < 2)
     duration_s: float = 0.0
+    rule: str = "fixed"  # what chose k: "strength", "silhouette", or "fixed" (not chosen)
+    runner_up: int | None = None  # see kselect.KChoice
+    margin: float | None = None
+    # False: k = "auto" found no cluster structure, and k is 1.
+    structured: bool = True
 
     @property
     def sizes(self) -> np.ndarray:
@@ -91,7 +99,7 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
 
 
 def candidate_ks(n: int, params: FitParams) -> list[int]:
-    """The k values the silhouette chooses from: [k_min, k_max] clipped to n - 1."""
+    """The k values k = "auto" chooses from: [k_min, k_max] clipped to n - 1."""
     if params.k != "auto":
         return [min(int(params.k), n)]
     hi = min(params.k_max, n - 1)
@@ -144,18 +152,17 @@ def _fit_stream(read_chunks: ChunkSource, n: int, params: FitParams,
         raise ValueError(f"the chunk source gave {len(z)} rows, expected {n}")
 
     ks = candidate_ks(n, params)
-    scores: dict[int, float] = {}
-    if params.k == "auto":
-        subset = _subset(rng, n, SELECTION_SAMPLE)
-        zs = z[subset]
-        for k in ks:
+    choice: kselect.KChoice | None = None
+    if params.k == "auto" and ks:
+        def checkpoint() -> None:
             if should_stop():
                 raise FitCancelled
-            labels = _kmeans(k, len(zs), params).fit_predict(zs)
-            scores[k] = _silhouette(zs, labels, params)
-        k = max(scores, key=lambda kk: (scores[kk], -kk)) if scores else 1
+
+        choice = kselect.choose_k(z[_subset(rng, n, SELECTION_SAMPLE)], ks,
+                                  _kselect_settings(params), checkpoint)
+        k = choice.k
     else:
-        k = ks[0]
+        k = ks[0] if ks else 1
 
     if should_stop():
         raise FitCancelled
@@ -165,13 +172,28 @@ def _fit_stream(read_chunks: ChunkSource, n: int, params: FitParams,
     # nearest-centroid assignments agree exactly.
     centroids = _centroids_in_original_space(read_chunks, model.labels_, k)
     labels, distances = _assign_stream(read_chunks, centroids)
-    silhouette = scores.get(k)
+    silhouette = choice.silhouette if choice is not None else None
     if silhouette is None and 2 <= k < n:
         silhouette = _silhouette(z[_subset(rng, n, SELECTION_SAMPLE)],
                                  None, params, model=model)
+    if choice is None:
+        return FitResult(k=k, labels=labels, distances=distances, centroids=centroids,
+                         silhouette=silhouette, duration_s=time.perf_counter() - started)
     return FitResult(k=k, labels=labels, distances=distances, centroids=centroids,
-                     scores=scores, silhouette=silhouette,
-                     duration_s=time.perf_counter() - started)
+                     scores=choice.scores, silhouette=silhouette,
+                     duration_s=time.perf_counter() - started, rule=choice.method,
+                     runner_up=choice.runner_up, margin=choice.margin,
+                     structured=choice.structured)
+
+
+def _kselect_settings(params: FitParams) -> kselect.KSelect:
+    # The strength rule was chosen on the projection; on raw embeddings (pca_dims 0) it
+    # splits clean clusters (KMeans on a few dozen points in 1280-d reproduces any split),
+    # so the silhouette decides there.
+    rule = params.k_rule if params.pca_dims > 0 else "silhouette"
+    return kselect.KSelect(rule=rule, seed=params.random_state, n_init=params.n_init,
+                           silhouette_sample=params.silhouette_sample,
+                           minibatch_above=params.minibatch_above)
 
 
 def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,288 @@
+"""Choose the number of clusters k: the silhouette on small sets, prediction strength above.
+
+Pure numpy / scikit-learn. The rows `z` are the points clustering runs on (segd: the PCA
+projection of the L2-normalised embeddings, re-normalised; a random subset of at most
+`cluster.SELECTION_SAMPLE`). The rules and their settings come from the k study
+(bench/bench_k.py, docs/quality.md "Choosing k across collections"), which chose them by
+their worst and mean results over 74 labelled collections.
+
+rule "strength" (the default)
+    Below `small_below` (150) rows, the silhouette rule below: prediction strength is
+    unreliable on halves of 10-75 points, and on sets of 20-150 photos the silhouette
+    clusters better. From `small_below` rows up:
+
+    1. Prediction strength (Tibshirani & Walther 2005), averaged over clusters: take at most
+       `strength_rows` rows, split them at random into halves A and B and fit KMeans(k) on
+       each; for every cluster of A, the fraction of its pairs of points that B's centroids
+       also put together; strength(k) = the mean of those fractions over A's clusters (the
+       paper takes the minimum, too harsh for overlapping photo classes), averaged over
+       `splits` halvings. k = the largest k whose strength reaches `threshold`.
+    2. No-structure test: the silhouette at k minus the mean silhouette, at the same k, of
+       `null_draws` samples of unstructured data like z (at most `null_rows` rows) must
+       reach `excess_min` (checked from `test_min_rows` rows up). The reference
+       ("angular") is the angular central Gaussian fitted to z (Tyler's estimator): the
+       directions of one centred Gaussian, which is what one blob of embeddings becomes
+       after segd's centring, projection and re-normalisation. (A Gaussian with z's own
+       mean and covariance, re-normalised, "gaussian", is right only for a round blob: an
+       elongated one re-normalises into two caps, which that reference lacks, and passed
+       the test.) Unstructured sets give an excess of -0.003..0.005, real collections of
+       >= 150 photos >= 0.04. If no k reaches the threshold, or the excess falls short,
+       the rows have no cluster structure: k = 1, `structured` False.
+    3. Step down: the mean strength hardly drops when one clean cluster of several is split
+       in two (the others stay perfectly reproducible), so clean clusters come out split.
+       While k - 1 also reaches the threshold and its silhouette is higher than k's by more
+       than `step_down`, k = k - 1. (Overlapping classes have flat silhouettes and keep k;
+       splitting a clean cluster costs 0.1-0.3.)
+
+rule "silhouette"
+    The k with the largest silhouette (segd's rule before the study). Biased to small k: it
+    merges close classes, and it never finds "no structure".
+
+Between the KMeans runs `checkpoint()` is called, so that a caller can abandon a choice (it
+raises) without waiting for the whole of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.metrics import silhouette_score
+
+from segd.config import KRule
+
+__all__ = ["KChoice", "KSelect", "angular_reference", "choose_k", "gaussian_reference",
+           "prediction_strength"]
+
+Checkpoint = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class KSelect:
+    """How to choose k; the defaults are the study's."""
+
+    rule: KRule = "strength"
+    seed: int = 0
+    n_init: int = 4
+    silhouette_sample: int = 4000  # rows the silhouette is computed on (it is O(n^2))
+    minibatch_above: int = 20_000  # MiniBatchKMeans beyond this many rows
+    small_below: int = 150  # rule "strength": the silhouette decides below this many rows
+    threshold: float = 0.8
+    splits: int = 8
+    strength_rows: int = 4000
+    # "angular" for centred rows (segd's projection), "gaussian" for raw embeddings.
+    reference: Literal["angular", "gaussian"] = "angular"
+    null_draws: int = 3
+    null_rows: int = 4000
+    excess_min: float = 0.02
+    # Step down from the strength's k while the next smaller k passes too and its silhouette
+    # is higher by more than this (None: off).
+    step_down: float | None = 0.05
+    # The reference silhouette is too noisy on fewer rows: below, only the strength decides
+    # (moot while small_below is above it).
+    test_min_rows: int = 100
+
+
+@dataclass(frozen=True)
+class KChoice:
+    k: int
+    """The chosen k; 1 when the rows have no cluster structure."""
+    scores: dict[int, float]
+    """The deciding rule's figure for each k tried: prediction strength (0..1) or silhouette."""
+    method: str
+    """The rule that decided: "strength" or "silhouette"."""
+    runner_up: int | None
+    """The k the choice moves to first if the scores move: for k > 1, the alternative whose
+    boundary is nearest (1 = no structure); for k = 1, the k the scores favoured. None when
+    there was no alternative (a single candidate)."""
+    margin: float | None
+    """How far the deciding figure is from that move (>= 0, in its units). Silhouette: the
+    best minus the runner-up's. Strength, k > 1: the smaller of strength(k) minus the
+    threshold and the threshold minus the strength of the strongest larger k; after a step
+    down, silhouette(k) - silhouette(k + 1) - `step_down` (runner_up k + 1). k = 1: the
+    threshold minus the strongest k's strength, or `excess_min` minus the excess when the
+    no-structure test rejected the strength's k. None when runner_up is None."""
+    silhouette: float | None
+    """Silhouette of the rows at k (None when k = 1)."""
+    excess: float | None
+    """Silhouette at the strength's k (before any step down) minus the unstructured
+    reference's (None: not run)."""
+    structured: bool
+
+
+def choose_k(z: np.ndarray, ks: list[int], settings: KSelect = KSelect(),
+             checkpoint: Checkpoint | None = None) -> KChoice:
+    """Choose k among `ks` (each clipped to 2..n-1) for the rows of z (n, p)."""
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    ks = sorted(k for k in set(ks) if 2 <= k < len(z))
+    if not ks:
+        raise ValueError(f"no k in 2..{len(z) - 1} to choose from")
+    check = checkpoint or (lambda: None)
+    if settings.rule == "silhouette" or len(z) < settings.small_below:
+        return _by_silhouette(z, ks, settings, check)
+    return _by_strength(z, ks, settings, check)
+
+
+def _by_silhouette(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint) -> KChoice:
+    scores: dict[int, float] = {}
+    for k in ks:
+        check()
+        scores[k] = _silhouette(z, _kmeans(k, len(z), s, s.seed).fit_predict(z), s, s.seed)
+    order = sorted(ks, key=lambda kk: (-scores[kk], kk))  # ties: the smaller k
+    k = order[0]
+    runner_up = order[1] if len(order) > 1 else None
+    margin = scores[k] - scores[runner_up] if runner_up is not None else None
+    return KChoice(k=k, scores=scores, method="silhouette", runner_up=runner_up,
+                   margin=margin, silhouette=scores[k], excess=None, structured=True)
+
+
+def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint) -> KChoice:
+    n = len(z)
+    rng = np.random.default_rng(s.seed)
+    zs = z if n <= s.strength_rows else z[rng.choice(n, s.strength_rows, replace=False)]
+    scores = prediction_strength(zs, ks, rng, splits=s.splits, n_init=s.n_init, seed=s.seed,
+                                 checkpoint=check)
+    passing = [k for k in ks if scores[k] >= s.threshold]
+    if not passing:
+        best = max(ks, key=lambda kk: (scores[kk], -kk))
+        return KChoice(k=1, scores=scores, method="strength", runner_up=best,
+                       margin=s.threshold - scores[best], silhouette=None, excess=None,
+                       structured=False)
+    k = max(passing)
+    runner_up, margin = _strength_boundary(scores, ks, passing, s.threshold)
+
+    def silhouette_at(kk: int) -> float:
+        check()
+        return _silhouette(z, _kmeans(kk, n, s, s.seed).fit_predict(z), s, s.seed)
+
+    sils = {k: silhouette_at(k)}
+    excess: float | None = None
+    reference = angular_reference if s.reference == "angular" else gaussian_reference
+    if n >= s.test_min_rows:
+        ref = 0.0
+        for d in range(s.null_draws):
+            zr = reference(z, rng, min(n, s.null_rows))
+            check()
+            labels = _kmeans(k, len(zr), s, s.seed + 1 + d).fit_predict(zr)
+            ref += _silhouette(zr, labels, s, s.seed + 1 + d) / s.null_draws
+        excess = sils[k] - ref
+        if excess < s.excess_min:
+            return KChoice(k=1, scores=scores, method="strength", runner_up=k,
+                           margin=s.excess_min - excess, silhouette=None, excess=excess,
+                           structured=False)
+    if s.step_down is not None:
+        top = k
+        while k - 1 in passing:
+            sils[k - 1] = silhouette_at(k - 1)
+            if not sils[k - 1] > sils[k] + s.step_down:
+                break
+            k -= 1
+        if k < top:
+            runner_up, margin = k + 1, sils[k] - sils[k + 1] - s.step_down
+    return KChoice(k=k, scores=scores, method="strength", runner_up=runner_up, margin=margin,
+                   silhouette=sils[k], excess=excess, structured=True)
+
+
+def _strength_boundary(scores: dict[int, float], ks: list[int], passing: list[int],
+                       threshold: float) -> tuple[int, float]:
+    """(runner_up, margin) for k = max(passing): the choice moves down when k's strength
+    falls below the threshold (to the next passing k, or to 1), up when a larger k's rises."""
+    k = max(passing)
+    below = [kk for kk in passing if kk < k]
+    runner_up, margin = (max(below) if below else 1), scores[k] - threshold
+    larger = [kk for kk in ks if kk > k]
+    if larger:
+        up = max(larger, key=lambda kk: (scores[kk], kk))
+        if threshold - scores[up] < margin:
+            runner_up, margin = up, threshold - scores[up]
+    return runner_up, margin
+
+
+def prediction_strength(z: np.ndarray, ks: list[int], rng: np.random.Generator, *,
+                        splits: int = 8, n_init: int = 4, seed: int = 0,
+                        checkpoint: Checkpoint | None = None) -> dict[int, float]:
+    """Mean over `splits` random halvings of the cluster-averaged prediction strength."""
+    check = checkpoint or (lambda: None)
+    n = len(z)
+    out = {k: 0.0 for k in ks}
+    for split in range(splits):
+        perm = rng.permutation(n)
+        a, b = z[perm[: n // 2]], z[perm[n // 2:]]
+        for k in ks:
+            if k >= len(a):
+                continue
+            check()
+            test = KMeans(n_clusters=k, n_init=n_init, random_state=seed + split).fit_predict(a)
+            train = KMeans(n_clusters=k, n_init=n_init, random_state=seed + split).fit(b)
+            out[k] += _pair_agreement(test, train.predict(a)) / splits
+    return out
+
+
+def angular_reference(z: np.ndarray, rng: np.random.Generator, rows: int) -> np.ndarray:
+    """`rows` directions of a centred Gaussian whose directions match z's (the angular
+    central Gaussian; its shape is Tyler's M-estimator). Falls back to
+    `gaussian_reference` with too few rows for the estimator (n <= 2p)."""
+    n, p = z.shape
+    if n <= 2 * p:
+        return gaussian_reference(z, rng, rows)
+    shape = _tyler(np.asarray(z, dtype=np.float64))
+    g = rng.standard_normal((rows, p)) @ np.linalg.cholesky(shape).T
+    return (g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)).astype(
+        np.float32)
+
+
+def _tyler(z: np.ndarray, iterations: int = 100, tol: float = 1e-7) -> np.ndarray:
+    """Tyler's M-estimator of shape (trace p): the fixed point of
+    S = p/n sum z z' / (z' S^-1 z)."""
+    p = z.shape[1]
+    shape = np.eye(p)
+    for _ in range(iterations):
+        w = 1.0 / np.maximum(np.einsum("ij,ij->i", z @ np.linalg.inv(shape), z), 1e-12)
+        new = (z * w[:, None]).T @ z
+        new *= p / np.trace(new)
+        done = np.abs(new - shape).max() < tol
+        shape = new
+        if done:
+            break
+    return shape
+
+
+def gaussian_reference(z: np.ndarray, rng: np.random.Generator, rows: int) -> np.ndarray:
+    """`rows` points of a Gaussian with z's mean and covariance, rows L2-normalised."""
+    z64 = np.asarray(z, dtype=np.float64)
+    mean = z64.mean(axis=0)
+    _, sv, vt = np.linalg.svd(z64 - mean, full_matrices=False)
+    sd = sv / np.sqrt(max(len(z) - 1, 1))
+    ref = mean + (rng.standard_normal((rows, len(sd))) * sd) @ vt
+    norms = np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
+    return (ref / norms).astype(np.float32)
+
+
+def _pair_agreement(test: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean over test clusters (of >= 2 points) of the fraction of their pairs that
+    `predicted` also puts in one cluster."""
+    per: list[float] = []
+    for c in np.unique(test):
+        members = predicted[test == c]
+        m = len(members)
+        if m >= 2:
+            counts = np.bincount(members)
+            per.append(float((counts * (counts - 1)).sum()) / (m * (m - 1)))
+    return float(np.mean(per)) if per else 0.0
+
+
+def _kmeans(k: int, n: int, s: KSelect, seed: int) -> KMeans | MiniBatchKMeans:
+    if n > s.minibatch_above:
+        return MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=s.n_init,
+                               batch_size=4096)
+    return KMeans(n_clusters=k, random_state=seed, n_init=s.n_init)
+
+
+def _silhouette(z: np.ndarray, labels: np.ndarray, s: KSelect, seed: int) -> float:
+    if len(np.unique(labels)) < 2:
+        return -1.0
+    return float(silhouette_score(z, labels, sample_size=min(s.silhouette_sample, len(z)),
+                                  random_state=seed))

@@ -1,0 +1,303 @@
+"""Choosing k (core.kselect): the rules, their switch at small_below, their figures, and k = 1.
+
+Mixtures are Gaussian clusters in 16 dimensions around centres at distance `sep` from the
+origin, unit noise, rows L2-normalised (the clustering space is a unit sphere too): sep 10
+is well separated (KMeans at the true k is exact), sep 3 overlaps moderately (ARI at the
+true k 0.83-0.95). The last test runs the real model on the CC0 photos in tests/data/photos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+from threadpoolctl import threadpool_limits
+
+from segd.core import cluster, kselect
+from segd.core.cluster import FitCancelled, FitParams, fit, fit_stream
+from segd.core.kselect import KSelect, choose_k
+
+KS = list(range(2, 11))
+PHOTOS = Path(__file__).resolve().parents[1] / "data" / "photos"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread() -> Iterator[None]:
+    # As cluster.fit_stream runs; two threads only contend on a small machine.
+    with threadpool_limits(limits=1):
+        yield
+
+
+def mixture(k: int, per: int, sep: float, *, seed: int, dim: int = 16
+            ) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((k, dim))
+    centres *= sep / np.linalg.norm(centres, axis=1, keepdims=True)
+    y = np.repeat(np.arange(k), per)
+    x = centres[y] + rng.standard_normal((len(y), dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+def blob(n: int, *, seed: int, dim: int = 256, power: float = 1.0) -> np.ndarray:
+    """No clusters: embeddings of one kind, a Gaussian around a unit direction whose spread
+    falls as 1/i^power along random axes (1: strongly elongated), rows L2-normalised."""
+    rng = np.random.default_rng(seed)
+    axes, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    noise = (rng.standard_normal((n, dim)) * np.arange(1, dim + 1) ** -power) @ axes.T
+    x = unit_vector(dim) + 0.05 * noise
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def unit_vector(dim: int) -> np.ndarray:
+    e = np.zeros(dim)
+    e[0] = 1.0
+    return e
+
+
+def projected(x: np.ndarray) -> np.ndarray:
+    """The rows choose_k sees in a fit: segd's projection (centre, PCA 32, re-normalise)."""
+    params = FitParams()
+    rng = np.random.default_rng(params.random_state)
+    return cluster._fit_projection(lambda: (x,), len(x), params, rng).apply(x)
+
+
+# --------------------------------------------------------------------------- the strength
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_well_separated_mixtures_get_their_k(k: int) -> None:
+    for seed in range(3):
+        z, _ = mixture(k, 600 // k, 10.0, seed=seed)
+        c = choose_k(z, KS)
+        assert (c.method, c.structured) == ("strength", True)
+        assert c.k == k, (seed, c)
+        # The mean strength lets k + 1 through (0.81-0.86 here): the step down by the
+        # silhouette is what brings it back.
+        assert choose_k(z, KS, KSelect(step_down=None)).k > k
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_moderately_overlapping_mixtures(k: int) -> None:
+    """Exact on most seeds, never off by more than one (measured: 4 of 5 exact for k = 3,
+    3 of 5 for k = 5; the silhouette gets 2 for every k = 3 draw)."""
+    chosen = []
+    for seed in range(5):
+        z, y = mixture(k, 600 // k, 3.0, seed=seed)
+        assert adjusted_rand_score(y, KMeans(k, n_init=4, random_state=0).fit_predict(z)) < 0.97
+        c = choose_k(z, KS)
+        assert c.method == "strength" and c.structured
+        chosen.append(c.k)
+    assert all(abs(kk - k) <= 1 for kk in chosen), chosen
+    assert sum(kk == k for kk in chosen) >= 3, chosen
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_blob_is_unstructured(seed: int) -> None:
+    z = projected(blob(600, seed=seed, power=0.5))
+    c = choose_k(z, KS)
+    assert (c.k, c.structured, c.method, c.silhouette) == (1, False, "strength", None)
+    # Some k passes the strength filter (two halves of a blob are reproducible); the
+    # reference blobs then score as well at that k (measured: excess -0.003..0.008 over
+    # 12 seeds).
+    assert c.excess is not None and c.excess < KSelect().excess_min
+    assert c.runner_up is not None and c.scores[c.runner_up] >= KSelect().threshold
+    assert c.margin == pytest.approx(KSelect().excess_min - c.excess)
+    # The silhouette rule has no such test: it always finds clusters.
+    assert choose_k(z, KS, KSelect(rule="silhouette")).structured
+
+
+def test_an_elongated_blob_needs_the_angular_reference() -> None:
+    """Re-normalised, an elongated blob is two caps along its main axis; a Gaussian with
+    the rows' own covariance, re-normalised, is not, and calls the blob structured.
+    (Measured at this spread over 12 seeds: excess 0.001-0.020 against the angular
+    reference, all called unstructured; this one 0.014.)"""
+    z = projected(blob(600, seed=0, power=1.0))
+    gaussian = choose_k(z, KS, KSelect(reference="gaussian"))
+    angular = choose_k(z, KS)
+    assert gaussian.structured and not angular.structured
+    assert gaussian.excess is not None and angular.excess is not None
+    assert gaussian.excess > angular.excess + 0.03
+
+
+def test_deterministic_for_a_seed() -> None:
+    z, _ = mixture(4, 60, 3.0, seed=7)
+    first = choose_k(z, KS, KSelect(seed=3))
+    assert choose_k(z, KS, KSelect(seed=3)) == first
+    other = choose_k(z, KS, KSelect(seed=4))
+    assert other.scores != first.scores  # the seed drives the halvings
+
+
+# --------------------------------------------------------------------------- the switch
+
+
+def test_silhouette_below_small_below_strength_from_it() -> None:
+    z, _ = mixture(3, 60, 10.0, seed=2)  # 180 rows
+    below, at = choose_k(z[:149], KS), choose_k(z[:150], KS)
+    assert below.method == "silhouette" and at.method == "strength"
+    assert below == choose_k(z[:149], KS, KSelect(rule="silhouette"))
+    assert at == choose_k(z[:150], KS, KSelect(small_below=0))
+    assert choose_k(z[:100], KS, KSelect(small_below=100)).method == "strength"
+    assert choose_k(z[:99], KS, KSelect(small_below=100)).method == "silhouette"
+
+
+# --------------------------------------------------------------------------- runner-up, margin
+
+
+def test_silhouette_runner_up_and_margin() -> None:
+    z, _ = mixture(3, 40, 3.0, seed=3)
+    c = choose_k(z, KS, KSelect(rule="silhouette"))
+    order = sorted(c.scores, key=lambda kk: (-c.scores[kk], kk))
+    assert (c.k, c.runner_up) == (order[0], order[1])
+    assert c.margin == pytest.approx(c.scores[c.k] - c.scores[c.runner_up])
+    assert c.margin >= 0 and c.silhouette == c.scores[c.k]
+    only = choose_k(z[:3], [2])  # one candidate: nothing to be runner-up
+    assert (only.k, only.runner_up, only.margin) == (2, None, None)
+
+
+@pytest.mark.parametrize(("scores", "expected"), [
+    # k = 5 passes by 0.02; the strongest larger k is 0.1 short: the drop is nearer.
+    ({2: 0.95, 3: 0.9, 4: 0.7, 5: 0.82, 6: 0.7, 7: 0.6}, (3, 0.02)),
+    # 6 is only 0.01 short of the threshold: the rise is nearer.
+    ({2: 0.95, 3: 0.9, 4: 0.7, 5: 0.9, 6: 0.79, 7: 0.6}, (6, 0.01)),
+    # k = 2 alone passes: falling leaves no structure (1).
+    ({2: 0.85, 3: 0.7, 4: 0.6}, (1, 0.05)),
+    # The largest k passes: only the drop.
+    ({2: 0.9, 3: 0.84}, (2, 0.04)),
+])
+def test_strength_boundary(scores: dict[int, float], expected: tuple[int, float]) -> None:
+    ks = sorted(scores)
+    passing = [k for k in ks if scores[k] >= 0.8]
+    runner_up, margin = kselect._strength_boundary(scores, ks, passing, 0.8)
+    assert runner_up == expected[0] and margin == pytest.approx(expected[1])
+
+
+def test_strength_runner_up_and_margin_on_data() -> None:
+    z, _ = mixture(3, 200, 10.0, seed=0)
+    c = choose_k(z, KS)
+    bare = choose_k(z, KS, KSelect(step_down=None))
+    assert c.scores == bare.scores and bare.k == 4 and c.k == 3  # stepped down from 4
+    assert c.runner_up == 4
+    sil = {k: silhouette_score(z, KMeans(k, n_init=4, random_state=0).fit_predict(z),
+                               random_state=0) for k in (3, 4)}
+    assert c.silhouette == pytest.approx(sil[3])
+    assert c.margin == pytest.approx(sil[3] - sil[4] - KSelect().step_down)
+    assert c.margin > 0
+    # Without the step down the figures are the strength's.
+    assert bare.runner_up is not None and bare.margin is not None and bare.margin >= 0
+    assert (bare.runner_up, bare.margin) == kselect._strength_boundary(
+        bare.scores, KS, [k for k in KS if bare.scores[k] >= 0.8], 0.8)
+
+
+def test_nothing_passing_is_unstructured() -> None:
+    z = projected(blob(300, seed=5, power=0.25))  # round: even k = 2 is not reproducible
+    c = choose_k(z, KS)
+    best = max(c.scores, key=lambda kk: (c.scores[kk], -kk))
+    assert c.scores[best] < KSelect().threshold
+    assert (c.k, c.structured, c.excess, c.runner_up) == (1, False, None, best)
+    assert c.margin == pytest.approx(KSelect().threshold - c.scores[best])
+
+
+# --------------------------------------------------------------------------- through fit_stream
+
+
+def old_silhouette_choice(x: np.ndarray, params: FitParams) -> tuple[int, dict[int, float]]:
+    """segd's loop before kselect, written out: project, then the silhouette of KMeans(k)
+    for every k on all rows (below SELECTION_SAMPLE), largest wins, ties to the smaller k."""
+    rng = np.random.default_rng(params.random_state)
+    projection = cluster._fit_projection(lambda: (x,), len(x), params, rng)
+    z = projection.apply(x)
+    scores = {}
+    for k in cluster.candidate_ks(len(x), params):
+        labels = KMeans(k, random_state=params.random_state,
+                        n_init=params.n_init).fit_predict(z)
+        scores[k] = float(silhouette_score(z, labels, sample_size=min(4000, len(z)),
+                                           random_state=params.random_state))
+    return max(scores, key=lambda kk: (scores[kk], -kk)), scores
+
+
+def test_k_rule_silhouette_is_the_old_choice() -> None:
+    # A mixture the two rules disagree on (silhouette 2, strength 3), large enough for
+    # the strength to decide.
+    x, _ = mixture(3, 100, 3.0, seed=1)
+    old = fit(x, FitParams(k_rule="silhouette"))
+    k, scores = old_silhouette_choice(x, FitParams())
+    assert (old.k, old.rule, old.structured) == (k, "silhouette", True)
+    assert old.scores == pytest.approx(scores, abs=1e-6)
+    assert old.silhouette == old.scores[old.k]
+    new = fit(x, FitParams())
+    assert (new.rule, new.k, old.k) == ("strength", 3, 2)
+
+
+def test_fit_carries_the_choice() -> None:
+    x, _ = mixture(5, 40, 10.0, seed=1)
+    result = fit(x, FitParams())
+    choice = choose_k(projected(x), KS)  # what fit chose from: the same projected rows
+    assert (result.k, result.rule, result.structured) == (choice.k, "strength", True) == (
+        5, choice.method, choice.structured)
+    assert (result.runner_up, result.margin) == (choice.runner_up, choice.margin)
+    assert result.scores == choice.scores and result.silhouette == choice.silhouette
+    fixed = fit(x, FitParams(k=5))
+    assert (fixed.rule, fixed.runner_up, fixed.margin, fixed.scores) == ("fixed", None, None, {})
+    assert fixed.structured
+
+
+@pytest.mark.xfail(strict=True, reason="known: clean clusters in 64-d come out split; the "
+                   "silhouette is not monotone on the way down (7: 0.260, 8: 0.263), so the "
+                   "step down stops at once (docs/quality.md)")
+def test_clean_clusters_in_more_dimensions() -> None:
+    x, _ = mixture(5, 40, 10.0, seed=1, dim=64)
+    assert fit(x, FitParams()).k == 5
+
+
+def test_unstructured_fit_gives_one_cluster() -> None:
+    x = blob(400, seed=2)
+    result = fit(x, FitParams())
+    assert (result.k, result.structured, result.rule) == (1, False, "strength")
+    assert result.silhouette is None and result.runner_up is not None
+    assert not result.labels.any() and result.sizes.tolist() == [400]
+    assert result.centroids.shape == (1, x.shape[1])
+    mean = x.astype(np.float64).sum(axis=0)
+    np.testing.assert_allclose(result.centroids[0], mean / np.linalg.norm(mean), atol=1e-5)
+    np.testing.assert_allclose(result.distances, 1.0 - x @ result.centroids[0], atol=1e-5)
+
+
+def test_a_stop_request_cancels_between_kmeans_runs() -> None:
+    x, _ = mixture(3, 100, 10.0, seed=4, dim=64)
+    polls = 0
+
+    def should_stop() -> bool:
+        nonlocal polls
+        polls += 1
+        return polls > 20  # well inside the choice: 2 x 9 KMeans per halving
+
+    with pytest.raises(FitCancelled):
+        fit_stream(lambda: (x,), len(x), FitParams(), should_stop)
+    assert polls == 21
+
+
+# --------------------------------------------------------------------------- real photos
+
+
+@pytest.fixture(scope="module")
+def photo_embeddings() -> tuple[np.ndarray, list[str]]:
+    from segd.media.decode import DecodeOptions, decode_file
+    from segd.media.embed import Embedder
+
+    files = sorted(PHOTOS.glob("*/*.jpg"))
+    assert len(files) == 40
+    images = np.stack([decode_file(f, DecodeOptions()) for f in files])
+    return Embedder(gpu="off").embed(images), [f.parent.name for f in files]
+
+
+def test_real_photos_k_within_one_of_five(
+        photo_embeddings: tuple[np.ndarray, list[str]]) -> None:
+    """40 photos, 5 classes of 8: below small_below, so the silhouette decides."""
+    x, classes = photo_embeddings
+    result = fit(x, FitParams())
+    assert result.rule == "silhouette" and result.structured
+    assert abs(result.k - 5) <= 1, result.scores
+    assert adjusted_rand_score(classes, result.labels) >= 0.55
