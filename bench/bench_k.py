@@ -38,7 +38,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kselect_study as ks
-from kchoice import choose_k
+
+from segd.core.kselect import KChoice, KSelect, choose_k
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "k-study"
@@ -128,6 +129,36 @@ def real_collections() -> list[Collection]:
     return out
 
 
+def _gauss(rng: np.random.Generator, base: np.ndarray, n: int) -> np.ndarray:
+    """n Gaussian rows with the covariance of the rows of `base` (about its mean 0)."""
+    return (rng.standard_normal((n, len(base))) @ base) / np.sqrt(len(base))
+
+
+@dataclass
+class SynthBasis:
+    """clothing10's statistics the synthetic mixtures are drawn from."""
+
+    gm: np.ndarray  # global mean
+    total: np.ndarray  # rows minus the global mean
+    resid: np.ndarray  # rows minus their class mean (within-class residuals)
+    between: np.ndarray  # class means minus their mean
+
+    @classmethod
+    def of_clothing(cls) -> SynthBasis:
+        xc, yc, _ = load("clothing10")
+        x64 = xc.astype(np.float64)
+        means = np.stack([x64[yc == c].mean(axis=0) for c in np.unique(yc)])
+        gm = x64.mean(axis=0)
+        return cls(gm, x64 - gm, x64 - means[yc], means - means.mean(axis=0))
+
+    def mixture(self, rng: np.random.Generator, sizes: list[int], alpha: float,
+                name: str) -> Collection:
+        centres = self.gm + np.sqrt(alpha) * _gauss(rng, self.between, len(sizes))
+        parts = [centres[i] + _gauss(rng, self.resid, n) for i, n in enumerate(sizes)]
+        y = np.concatenate([np.full(n, i) for i, n in enumerate(sizes)])
+        return Collection(name, ks.normalize_rows(np.concatenate(parts)), y, "synthetic")
+
+
 def synthetic_collections() -> list[Collection]:
     """Mixtures on the sphere in the embedding space. Noise = Gaussian with the pooled
     within-class covariance of clothing10 (real residuals); centres = global mean plus a
@@ -138,23 +169,15 @@ def synthetic_collections() -> list[Collection]:
     of ~0.85-1.0: overlapping, realistic clusters, not trivially separable ones (with
     centres drawn from the within-class covariance instead, the silhouette is far below the
     real sets' and clusters are either fully mixed or trivially separable)."""
-    xc, yc, _ = load("clothing10")
-    x64 = xc.astype(np.float64)
-    means = np.stack([x64[yc == c].mean(axis=0) for c in np.unique(yc)])
-    resid = x64 - means[yc]
-    gm = x64.mean(axis=0)
-    total = x64 - gm
-    between = means - means.mean(axis=0)
+    basis = SynthBasis.of_clothing()
     rng = np.random.default_rng(2024)
+    gm, total, resid = basis.gm, basis.total, basis.resid
 
     def gauss(base: np.ndarray, n: int) -> np.ndarray:
-        return (rng.standard_normal((n, len(base))) @ base) / np.sqrt(len(base))
+        return _gauss(rng, base, n)
 
     def mixture(sizes: list[int], alpha: float, name: str) -> Collection:
-        centres = gm + np.sqrt(alpha) * gauss(between, len(sizes))
-        parts = [centres[i] + gauss(resid, n) for i, n in enumerate(sizes)]
-        y = np.concatenate([np.full(n, i) for i, n in enumerate(sizes)])
-        return Collection(name, ks.normalize_rows(np.concatenate(parts)), y, "synthetic")
+        return basis.mixture(rng, sizes, alpha, name)
 
     out = [
         Collection("synthetic k=1 gaussian (total cov.), 600",
@@ -179,6 +202,82 @@ def synthetic_collections() -> list[Collection]:
         mixture([300, 150, 75, 75, 300], 2.5, "synthetic k=5 unbalanced 300..75"),
         mixture([20] * 4, 2.5, "synthetic k=4 small, 4 x 20"),
     ]
+    return out
+
+
+PANEL_NS = (24, 32, 48, 64, 80, 100, 128)
+
+
+def panel_collections() -> list[Collection]:
+    """The small-n panel: balanced real sets of 24-128 photos (3, 4 or 5 random classes of
+    clothing10 or scenes6, two draws per size and source; segd first fits at ~20-32 images)
+    and small synthetic mixtures (k = 3 and 5 at 40, 80 and 120 points)."""
+    xc, yc, cc = load("clothing10")
+    xs, ys, cs = load("scenes6")
+    rng = np.random.default_rng(77)
+    out: list[Collection] = []
+    for n in PANEL_NS:
+        for src, (x, y, cl) in (("clothing", (xc, yc, cc)), ("scenes", (xs, ys, cs))):
+            for k in rng.choice([3, 4, 5], 2, replace=False).tolist():
+                names = sorted(rng.choice(cl, k, replace=False).tolist())
+                per = n // k
+                out.append(pick(x, y, cl, dict.fromkeys(names, per), rng,
+                                f"panel {per * k}: {src} {k} x {per} ({'/'.join(names)})"))
+    basis = SynthBasis.of_clothing()
+    srng = np.random.default_rng(2025)
+    for n in (40, 80, 120):
+        for k in (3, 5):
+            out.append(basis.mixture(srng, [n // k] * k, 2.5,
+                                     f"panel {n // k * k}: synthetic k={k}, {k} x {n // k}"))
+    return out
+
+
+def elongated_collections() -> list[Collection]:
+    """One blob each (k = 1), more elongated than clothing10's: its total covariance with
+    the main axis stretched 2x and 3x, and spectra falling as 1/sqrt(i) and 1/i (600 rows in
+    the 1280-d space around clothing10's mean direction)."""
+    basis = SynthBasis.of_clothing()
+    rng = np.random.default_rng(41)
+    out: list[Collection] = []
+    _, sv, vt = np.linalg.svd(basis.total, full_matrices=False)
+    for stretch in (2.0, 3.0):
+        scale = np.ones(len(sv))
+        scale[0] = stretch
+        base = (sv * scale)[:, None] * vt / np.sqrt(len(basis.total) / len(sv))
+        out.append(Collection(f"unstructured, main axis x{stretch:g}, 600",
+                              ks.normalize_rows(basis.gm + _gauss(rng, base, 600)),
+                              np.zeros(600, int), "synthetic"))
+    total_sd = float(np.sqrt((basis.total ** 2).sum() / len(basis.total)))
+    for power in (0.5, 1.0):
+        sd = np.arange(1, 1281, dtype=np.float64) ** -power
+        sd *= total_sd / np.sqrt((sd ** 2).sum())
+        q, _ = np.linalg.qr(rng.standard_normal((1280, 1280)))
+        x = basis.gm + (rng.standard_normal((600, 1280)) * sd) @ q.T
+        out.append(Collection(f"unstructured, spectrum 1/i^{power:g}, 600",
+                              ks.normalize_rows(x), np.zeros(600, int), "synthetic"))
+    return out
+
+
+def clean_collections() -> list[Collection]:
+    """Well-separated clusters, which the realistic mixtures above lack: k isotropic
+    Gaussian blobs around random unit centres in the 1280-d space (nearly orthogonal there),
+    noise of norm 1 or 2, re-normalised; KMeans at the true k is exact (ARI 1)."""
+    rng = np.random.default_rng(31)
+    out: list[Collection] = []
+    def blobs(sizes: list[int], noise: float, name: str) -> Collection:
+        centres = ks.normalize_rows(rng.standard_normal((len(sizes), 1280)))
+        y = np.repeat(np.arange(len(sizes)), sizes)
+        x = centres[y] + rng.standard_normal((len(y), 1280)) * (noise / np.sqrt(1280))
+        return Collection(name, ks.normalize_rows(x), y, "synthetic")
+
+    for k, per in ((2, 150), (3, 100), (5, 60), (8, 40)):
+        for noise in (1.0, 2.0):
+            out.append(blobs([per] * k, noise, f"clean k={k}, {k} x {per} (noise {noise})"))
+    # Unequal sizes, as in tests/core: 25, 32, 39, ...
+    for k in (5, 7):
+        for draw in ("a", "b"):
+            sizes = [25 + 7 * i for i in range(k)]
+            out.append(blobs(sizes, 1.0, f"clean k={k}, {sum(sizes)} unequal ({draw})"))
     return out
 
 
@@ -220,6 +319,7 @@ def methods(quick: bool = False) -> list[MethodSpec]:
     out.append(MethodSpec("silhouette raw + null test", "raw",
                           P(ks.silhouette_with_null_test, base=ks.silhouette_k), "silhouette"))
     out.append(MethodSpec(RECOMMENDED, "pca32", _reference, "recommended"))
+    out += small_methods()
     if quick:
         return [m for m in out if m.name in QUICK_METHODS]
     out += [
@@ -255,17 +355,129 @@ def methods(quick: bool = False) -> list[MethodSpec]:
 
 
 RECOMMENDED = "choose_k: strength pca32 mean 0.8, 8 splits + null test (n >= 100)"
+HYBRID_NS = (64, 100, 128, 150)
+BOOTSTRAP_NS = (100, 150)
+THRESHOLDS = (0.85, 0.9)
+GUARDS = (0.02, 0.05, 0.1)
+
+
+def hybrid_name(small: str, below: int, threshold: float = 0.8) -> str:
+    what = {"silhouette": "silhouette", "splits32": "choose_k with 32 splits",
+            "bootstrap": "bootstrap strength"}[small]
+    thr = "" if threshold == 0.8 else f" (threshold {threshold})"
+    return f"hybrid: {what} below {below}, else choose_k{thr}"
+
+
+# segd's rule as shipped: segd.core.kselect.choose_k with its defaults.
+DEFAULT = ("segd: silhouette below 150, else choose_k, step-down guard 0.05, "
+           "angular reference")
+# The study's own rows use the first reference: a Gaussian with z's mean and covariance.
+GAUSS = "gaussian"
+
+
+def small_methods() -> list[MethodSpec]:
+    """The small-n candidates: each is the strength rule from `below` rows up."""
+    P = functools.partial
+    out = [MethodSpec(hybrid_name("silhouette", n), "pca32",
+                      P(_hybrid, small="silhouette", below=n), "hybrid") for n in HYBRID_NS]
+    out.append(MethodSpec(hybrid_name("splits32", 150), "pca32",
+                          P(_hybrid, small="splits32", below=150), "hybrid"))
+    out += [MethodSpec(hybrid_name("bootstrap", n), "pca32",
+                       P(_hybrid, small="bootstrap", below=n), "hybrid") for n in BOOTSTRAP_NS]
+    out += [MethodSpec(hybrid_name("silhouette", 150, t), "pca32",
+                       P(_hybrid, small="silhouette", below=150, threshold=t), "hybrid")
+            for t in THRESHOLDS]
+    base = hybrid_name("silhouette", 150)
+    out += [MethodSpec(f"{base}, silhouette guard {d}", "pca32",
+                       P(_guarded, delta=d), "hybrid") for d in GUARDS]
+    out += [MethodSpec(f"{base}, step-down guard {d}", "pca32",
+                       P(_guarded, delta=d, local=True), "hybrid") for d in GUARDS]
+    out += [MethodSpec(f"{base}, jump guard {d}", "pca32",
+                       P(_guarded, delta=d, jump=True), "hybrid") for d in GUARDS]
+    out.append(MethodSpec(DEFAULT, "pca32", _segd, "hybrid"))
+    return out
+
+
+def _note(c: KChoice) -> str:
+    excess = "-" if c.excess is None else f"{c.excess:.3f}"
+    margin = "-" if c.margin is None else f"{c.margin:.3f}"
+    return f"{c.method}; excess {excess} margin {margin} runner-up {c.runner_up}"
+
+
+def _as_choice(c: KChoice) -> ks.Choice:
+    return ks.Choice(c.k, c.scores, c.structured, note=_note(c))
+
+
+def _memo(ctx: ks.Ctx, kk: list[int], settings: KSelect) -> KChoice:
+    if settings not in ctx.memo:
+        ctx.memo[settings] = choose_k(ctx.z, kk, settings)
+    c = ctx.memo[settings]
+    assert isinstance(c, KChoice)
+    return c
 
 
 def _reference(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator) -> ks.Choice:
-    c = choose_k(ctx.z, kk, rng_seed=0)
-    return ks.Choice(c.k, c.scores, c.structured,
-                     note=f"excess {c.excess:.3f} margin {c.margin:+.2f} runner-up {c.runner_up}")
+    """The strength rule at every size (the no-structure test from 100 rows up)."""
+    return _as_choice(_memo(ctx, kk, KSelect(small_below=0, step_down=None, reference=GAUSS)))
 
 
-QUICK_METHODS = {RECOMMENDED, "silhouette raw", "silhouette pca32", "margin pca32 tol 0.01",
-                 "null-excess raw", "null-excess pca32", "null-excess pca64",
-                 "silhouette pca32 + null test"}
+def _segd(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator) -> ks.Choice:
+    return _as_choice(_memo(ctx, kk, KSelect()))
+
+
+def _hybrid(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *, small: str, below: int,
+            threshold: float = 0.8) -> ks.Choice:
+    """= choose_k(z, kk, KSelect(small_below=below, threshold=threshold, step_down=None,
+    reference="gaussian")) for "silhouette", memoised on the branch taken; the other small-n
+    rules are the study's."""
+    if len(ctx.z) >= below:
+        return _as_choice(_memo(ctx, kk, KSelect(small_below=0, threshold=threshold,
+                                                 step_down=None, reference=GAUSS)))
+    if small == "silhouette":
+        return _as_choice(_memo(ctx, kk, KSelect(rule="silhouette")))
+    if small == "splits32":
+        return _as_choice(_memo(ctx, kk, KSelect(small_below=0, splits=32, step_down=None,
+                                                 reference=GAUSS)))
+    assert small == "bootstrap", small
+    if "bootstrap" not in ctx.memo:
+        ctx.memo["bootstrap"] = ks.bootstrap_choice(ctx.z, kk)
+    c = ctx.memo["bootstrap"]
+    assert isinstance(c, KChoice)
+    return _as_choice(c)
+
+
+def _guarded(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *,
+             delta: float, local: bool = False, jump: bool = False) -> ks.Choice:
+    """segd's rule, but among the ks that pass the strength threshold (up to the largest),
+    the largest whose silhouette is within `delta` of the best of them: a coarser
+    partition that is clearly more compact wins over a finer one that is merely
+    reproducible (the strength averaged over clusters over-splits clean clusters).
+    `local`: step down from the strength's k one k at a time, while the next smaller k
+    passes too and its silhouette is higher by more than `delta`. `jump`: repeatedly, to the
+    largest passing smaller k whose silhouette is higher by more than `delta`."""
+    ch = _hybrid(ctx, kk, rng, small="silhouette", below=150)
+    if len(ctx.z) < 150 or not ch.structured:
+        return ch
+    passing = [k for k in kk if ch.scores[k] >= 0.8 and k <= ch.k]
+    sil = {k: ctx.sil(k) for k in passing}
+    if local:
+        k = ch.k
+        while k - 1 in sil and sil[k - 1] > sil[k] + delta:
+            k -= 1
+    elif jump:
+        k = ch.k
+        while better := [kk for kk in sil if kk < k and sil[kk] > sil[k] + delta]:
+            k = max(better)
+    else:
+        best = max(sil.values())
+        k = max(k for k in passing if sil[k] >= best - delta)
+    return ks.Choice(k, ch.scores, True, note=f"{ch.note}; guard {delta}: {ch.k} -> {k}")
+
+
+PANEL_METHODS = {RECOMMENDED, "silhouette pca32", *(m.name for m in small_methods())}
+QUICK_METHODS = {RECOMMENDED, DEFAULT, "silhouette raw", "silhouette pca32",
+                 "margin pca32 tol 0.01", "null-excess raw", "null-excess pca32",
+                 "null-excess pca64", "silhouette pca32 + null test"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -393,6 +605,12 @@ def rank_key(s: Summary) -> tuple[float, ...]:
     return (-(s.total - s.ok), s.worst_ratio, s.mean_ratio)
 
 
+def ari_key(s: Summary) -> tuple[float, ...]:
+    """By the clustering itself: worst ARI ratio, then mean ARI ratio, then the k test (the
+    k test's "within one" counts k = 2 for 3 classes as right whatever the ARI)."""
+    return (s.worst_ratio, s.mean_ratio, -(s.total - s.ok))
+
+
 def by_method(rows: list[Row]) -> dict[str, list[Row]]:
     out: dict[str, list[Row]] = {}
     for r in rows:
@@ -437,7 +655,8 @@ def per_collection_table(rows: list[Row], chosen: list[str]) -> str:
     return "\n".join(lines)
 
 
-def leave_one_out(rows: list[Row]) -> str:
+def leave_one_out(rows: list[Row],
+                  key: Callable[[Summary], tuple[float, ...]] = rank_key) -> str:
     m = by_method(rows)
     names = list(m)
     colls = [r.collection for r in m[names[0]]]
@@ -447,7 +666,7 @@ def leave_one_out(rows: list[Row]) -> str:
     ok = 0
     ratios = []
     for i, c in enumerate(colls):
-        best = max(names, key=lambda nm: rank_key(
+        best = max(names, key=lambda nm: key(
             summarise([r for j, r in enumerate(m[nm]) if j != i])))
         picks[best] = picks.get(best, 0) + 1
         r = m[best][i]
@@ -470,25 +689,26 @@ def leave_one_out(rows: list[Row]) -> str:
 
 
 def cost() -> str:
+    """segd's whole fit (cluster.fit: projection, choosing k, final KMeans, assignment; one
+    BLAS thread, as it always runs) with each k_rule, on clothing10's photos resampled with a
+    small jitter."""
+    from segd.core.cluster import FitParams, fit
+
     xc, _, _ = load("clothing10")
     rng = np.random.default_rng(5)
-    # 20,000 rows: clothing10's photos, each drawn ~10 times with a small jitter.
     idx = rng.choice(len(xc), 20_000)
     x = ks.normalize_rows(xc[idx] + 0.01 * rng.standard_normal((20_000, xc.shape[1])))
-    lines = ["| rows | rule | BLAS threads | seconds | k |", "|---|---|---|---|---|"]
+    lines = ["| rows | k_rule | fit s | of which choosing k | k | rule that chose |",
+             "|---|---|---|---|---|---|"]
     for n in (2_000, 20_000):
-        for threads in (1, 2):
-            with threadpool_limits(limits=threads):
-                z = ks.project(x[:n], 32)
-                t0 = time.perf_counter()
-                kc = choose_k(z, KS, rng_seed=0)
-                dt = time.perf_counter() - t0
-                lines.append(f"| {n} | choose_k (reference) | {threads} | {dt:.1f} | {kc.k} |")
-                t0 = time.perf_counter()
-                c = ks.silhouette_k(ks.Ctx(z), KS, rng)
-                dt = time.perf_counter() - t0
-                lines.append(f"| {n} | old default (silhouette pca32) | {threads} | "
-                             f"{dt:.1f} | {c.k} |")
+        for rule in ("silhouette", "strength"):
+            params = FitParams(k_rule=rule)  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            r = fit(x[:n], params)
+            dt = time.perf_counter() - t0
+            fixed = fit(x[:n], FitParams(k=r.k))  # the same fit without choosing
+            lines.append(f"| {n:,} | {rule} | {dt:.1f} | {dt - fixed.duration_s:.1f} | {r.k} "
+                         f"| {r.rule} |")
     return "\n".join(lines)
 
 
@@ -509,25 +729,54 @@ def main() -> None:
                 "synthetic k=5, 5 x 120 (a)", "synthetic k=8, 8 x 100 (a)"}
         colls = [c for c in colls if c.name in keep]
     specs = methods(args.quick)
+    panel = [] if args.quick else panel_collections()
+    clean = [] if args.quick else clean_collections()
+    flat = [] if args.quick else elongated_collections()
+    extra_specs = [m for m in specs if m.name in PANEL_METHODS]
     t0 = time.perf_counter()
+    jobs = [(c, specs) for c in colls] + [(c, extra_specs) for c in panel + clean + flat]
     with ProcessPoolExecutor(args.jobs) as pool:
         # Largest first, so the two workers finish together.
-        order = sorted(colls, key=lambda c: -len(c.x))
-        out = dict(zip([c.name for c in order],
-                       pool.map(_run, [(c, specs) for c in order]), strict=True))
+        jobs.sort(key=lambda j: -len(j[0].x))
+        out = dict(zip([j[0].name for j in jobs], pool.map(_run, jobs), strict=True))
     rows = [r for c in colls for r in out[c.name]]
-    print(f"{len(colls)} collections x {len(specs)} methods, k in {KS[0]}..{KS[-1]}, "
+    print(f"{len(colls)} collections x {len(specs)} methods (+ {len(panel)} small, "
+          f"{len(clean)} well-separated and {len(flat)} elongated unstructured x "
+          f"{len(extra_specs)}), k in {KS[0]}..{KS[-1]}, "
           f"{time.perf_counter() - t0:.0f} s\n")
-    table, sums = summary_table(rows)
+    table, _ = summary_table(rows)
     print("## Summary (ranked by failures of the k test, then worst, then mean ARI ratio)\n")
     print(table)
-    show = args.show or ["silhouette pca32", sums[0].method]
-    if sums[0].method == "silhouette pca32":
-        show = ["silhouette pca32", sums[1].method]
+    show = args.show or ["silhouette pca32", RECOMMENDED, DEFAULT]
     print("\n## Per collection: k chosen (ARI at that k); **x** = fails the k test\n")
     print(per_collection_table(rows, list(dict.fromkeys(show))))
     print("\n## Leave one collection out\n")
     print(leave_one_out(rows))
+    if panel:
+        prow = [r for c in panel for r in out[c.name]]
+        crow = [r for c in clean for r in out[c.name]]
+        frow = [r for c in flat for r in out[c.name]]
+        both = [r for r in rows if r.method in PANEL_METHODS] + prow + crow + frow
+        print(f"\n## Small-n panel ({len(panel)} collections of 20-128)\n")
+        print(summary_table(prow)[0])
+        print(f"\n## Well-separated ({len(clean)})\n")
+        print(summary_table(crow)[0])
+        print(f"\n## Elongated unstructured ({len(flat)}): k chosen\n")
+        for name, rs in by_method(frow).items():
+            print(f"- {name}: " + ", ".join(str(r.k) for r in rs))
+        print(f"\n## All together ({len(both) // len(extra_specs)})\n")
+        print(summary_table(both)[0])
+        print("\n## Panel and well-separated, per collection\n")
+        print(per_collection_table(prow + crow, list(dict.fromkeys(show))))
+        print("\n## Leave one collection out, all together, among the small-n candidates\n")
+        print(leave_one_out(both))
+        print("\n## The same, ranked by worst, then mean ARI ratio, then the k test\n")
+        print(leave_one_out(both, ari_key))
+        print("\n## All together, ranked by worst, then mean ARI ratio, then the k test\n")
+        both_sums = sorted((summarise(v) for v in by_method(both).values()), key=ari_key,
+                           reverse=True)
+        print("\n".join(f"{s.method}: worst {s.worst_ratio:.2f} ({s.worst_collection}), mean "
+                        f"{s.mean_ratio:.3f}, k ok {s.ok}/{s.total}" for s in both_sums))
     if args.cost:
         print("\n## Cost\n")
         print(cost())

@@ -1,6 +1,7 @@
 """Candidate rules for choosing the number of clusters k, for the k study (bench_k.py).
 
-Pure numpy / scikit-learn / scipy; no segd imports. Every method is a function
+Pure numpy / scikit-learn / scipy, and segd's own rule (segd.core.kselect) for the variants
+built on it. Every method is a function
 
     method(ctx: Ctx, ks: list[int], rng: np.random.Generator) -> Choice
 
@@ -27,6 +28,8 @@ from sklearn.metrics import (
     davies_bouldin_score,
     silhouette_score,
 )
+
+from segd.core.kselect import KChoice
 
 N_INIT = 4
 SIL_SAMPLE = 4000
@@ -81,6 +84,8 @@ class Ctx:
     _sil: dict[tuple[int, int, int], float] = field(default_factory=dict)
     _null: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     _null_sil: dict[tuple[int, int, int], float] = field(default_factory=dict)
+    memo: dict[object, object] = field(default_factory=dict)
+    """Results of whole rules, shared by the methods built on them."""
 
     def fit(self, k: int, seed: int = 0) -> KMeans:
         key = (k, seed)
@@ -382,3 +387,46 @@ def strength_then_score(ctx: Ctx, ks: list[int], rng: np.random.Generator,
     structured = score != "excess" or sc[k] >= excess_min
     return Choice(k if structured else 1, sc, structured,
                   note=f"ps-feasible {ok}; score {sc[k]:.3f}")
+
+
+# ------------------------------------------------------------------------------------------
+# A small-n variant of prediction strength
+# ------------------------------------------------------------------------------------------
+
+
+def _pair_agreement(test: np.ndarray, predicted: np.ndarray) -> float:
+    return _co_membership_strength(test, predicted, "mean")
+
+
+def bootstrap_strength(z: np.ndarray, ks: list[int], rng: np.random.Generator, *,
+                       resamples: int = 16, n_init: int = N_INIT,
+                       seed: int = 0) -> dict[int, float]:
+    """Prediction strength with the halves replaced by the whole set and bootstrap samples:
+    the test clusters are KMeans(k) of all of z, the training clusters KMeans(k) of a sample
+    of n rows drawn with replacement; the same pair agreement, averaged over resamples."""
+    n = len(z)
+    tests = {k: KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(z)
+             for k in ks}
+    out = {k: 0.0 for k in ks}
+    for r in range(resamples):
+        b = rng.choice(n, n, replace=True)
+        for k in ks:
+            if k >= len(np.unique(b)):
+                continue
+            train = KMeans(n_clusters=k, n_init=n_init, random_state=seed + r).fit(z[b])
+            out[k] += _pair_agreement(tests[k], train.predict(z)) / resamples
+    return out
+
+
+def bootstrap_choice(z: np.ndarray, ks: list[int], seed: int = 0,
+                     threshold: float = 0.8) -> KChoice:
+    """The largest k whose `bootstrap_strength` reaches `threshold` (the strongest if none);
+    always structured (there is no no-structure test this small)."""
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    ks = sorted(k for k in set(ks) if 2 <= k < len(z))
+    scores = bootstrap_strength(z, ks, np.random.default_rng(seed), seed=seed)
+    passing = [k for k in ks if scores[k] >= threshold]
+    k = max(passing) if passing else max(ks, key=lambda kk: (scores[kk], -kk))
+    sil = silhouette(z, kmeans(z, k, seed).labels_, seed)
+    return KChoice(k=k, scores=scores, method="bootstrap strength", runner_up=None,
+                   margin=None, silhouette=sil, excess=None, structured=True)
