@@ -12,7 +12,6 @@ operation and sync); bench/crash_states.py explores all of them and prints the f
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import subprocess
 import sys
@@ -37,10 +36,6 @@ pytestmark = [
 ]
 
 SAMPLE = 500  # states per recording: every kill -9 and lose-everything state, then random
-# Known, reported in docs/reliability.md: a crash between the quarantine's placeholder row
-# and its journal row leaves a pending row without a sha256 until the daemon's first scan
-# quarantines the file under it (test_quarantine_cut_short_leaves_no_hashless_row).
-PLACEHOLDER = "empty sha256 on a row that is not quarantined"
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +46,6 @@ def scen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         yield build_quick(base / "tree", disk / "traces")
     finally:
         shutil.rmtree(base, ignore_errors=True)
-
-
-def _only_placeholder_rows(detail: str) -> bool:
-    lines = [ln.strip() for ln in detail.splitlines()[1:] if ln.strip()]
-    problems = [ln for ln in lines if ln.startswith("- ")]
-    rows = [ln for ln in lines if ln.startswith("row ")]
-    return (problems == ["- store rows that disagree with the disk:"] and bool(rows)
-            and all("(pending)" in r and "/inbox/" in r and PLACEHOLDER in r for r in rows))
 
 
 def _report(fig: Figures) -> str:
@@ -91,10 +78,9 @@ def test_every_sampled_crash_state_recovers(scen: Scenario, name: str) -> None:
     fig = explore(name, scen.recordings[name], scen.checker(name), model="posix",
                   sample=SAMPLE, focus=True, inodes=scen.inodes[name], keep_findings=10_000)
     print(_report(fig))
-    real = [f for f in fig.findings if not _only_placeholder_rows(f.detail)]
     assert fig.distinct >= 100, fig.line()
     assert fig.recovered_moves > 0, "no state had a journaled move open"
-    assert not real, _report(dataclasses.replace(fig, failed=len(real), findings=real))
+    assert not fig.findings, _report(fig)
 
 
 def test_new_cluster_folders_are_durable_before_files_move_in(scen: Scenario) -> None:
@@ -113,8 +99,6 @@ def test_new_cluster_folders_are_durable_before_files_move_in(scen: Scenario) ->
                 f"{ex.ops[first_link].describe(rec.names)}")
 
 
-@pytest.mark.xfail(strict=True, reason="known (docs/reliability.md): recovery keeps the "
-                   "quarantine's placeholder row; when fixed, drop this mark and PLACEHOLDER")
 def test_quarantine_cut_short_leaves_no_hashless_row(scen: Scenario) -> None:
     """A kill -9 (or power cut) after the quarantine's placeholder row was committed and
     before its journal row: start-up recovery leaves a pending row with no sha256."""

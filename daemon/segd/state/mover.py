@@ -224,6 +224,14 @@ def recover_moves(store: Store, filing_for: FilingFor) -> int:
     for move in moves:
         outcome = _recover_one(store, move, filing_for)
         log.warning("recovered interrupted move %s -> %s: %s", move.src, move.dst, outcome)
+    # A quarantine cut short between its placeholder row and its journal row leaves a
+    # pending row without a content hash. No move names it any more, and its file is still
+    # in the inbox, where the start-up scan examines it again.
+    for image in list(store.iter_images(state="pending")):
+        if not image.sha256:
+            log.warning("forgetting the unfinished quarantine of %s; it is examined again",
+                        image.path)
+            store.delete_image(image.id)
     return len(moves)
 
 
