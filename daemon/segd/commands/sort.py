@@ -107,10 +107,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 def report(args: argparse.Namespace, result: SortResult) -> None:
-    from segd.views.report import fit_table, plot_silhouette
+    from segd.views.report import fit_table, plot_scores, score_name
 
-    chosen = result.fit.k if result.fit else len(result.sizes)
-    print(fit_table(result.fit.scores if result.fit else {}, chosen, result.sizes))
+    print(fit_table(result.fit, result.sizes))
     total = result.placed + len(result.unreadable)
     verb = "moved" if args.move else "copied"
     print(f"\n{verb} {result.placed} images into {len(result.sizes)} folders in {args.dest} "
@@ -123,9 +122,10 @@ def report(args: argparse.Namespace, result: SortResult) -> None:
         if len(result.unreadable) > 20:
             print(f"  ... and {len(result.unreadable) - 20} more")
     if args.plot and result.fit and result.fit.scores:
-        plot_silhouette(result.fit.scores, chosen, args.plot,
-                        title=f"silhouette for {args.src.name or args.src}")
-        print(f"silhouette plot written to {args.plot}")
+        name = score_name(result.fit.rule)
+        plot_scores(result.fit.scores, result.fit.k, args.plot, rule=result.fit.rule,
+                    title=f"{name} for {args.src.name or args.src}")
+        print(f"{name} plot written to {args.plot}")
     if args.overview and result.samples:
         from segd.views.overview import ClusterSample, write_overview
 
