@@ -220,6 +220,30 @@ def test_first_refit_with_the_default_projection(root: Path) -> None:
         lib.close()
 
 
+def test_a_first_fit_without_structure_leaves_the_photos_waiting(root: Path) -> None:
+    # 200 photos with nothing in common: from 150 photos on, and on the projection (the
+    # default), the k rule can say so.
+    lib = Library(root, pca_dims=32)
+    try:
+        _waits_without_structure(lib)
+    finally:
+        lib.close()
+
+
+def _waits_without_structure(lib: Library) -> None:
+    for i in range(200):
+        path = lib.config.inbox / f"noise_{i:03d}.jpg"
+        path.write_bytes(lib.rng.bytes(64))
+        lib.store.add_image(hashlib.sha256(path.read_bytes()).hexdigest(), path.name, path,
+                            "pending", embedding=unit(lib.rng.standard_normal(DIM)))
+    disk, db = disk_snapshot(lib.config), db_dump(lib.config.db_path)
+    report = lib.refit()
+    assert (report.outcome, report.fit_k, report.k, report.n) == ("waiting", 1, 0, 200)
+    assert "the photos wait in the inbox" in report.summary()
+    assert disk_snapshot(lib.config) == disk and db_dump(lib.config.db_path) == db
+    assert lib.store.clusters() == [] and lib.store.last_fit() is None
+
+
 def test_refit_with_too_few_embeddings_is_skipped(lib: Library) -> None:
     lib.add_blob("a", count=1)
     report = lib.refit()
@@ -599,3 +623,18 @@ def test_a_dry_run_lists_every_move_by_folder(fitted: Library,
                          as_json=True) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["dry_run"] and len(data["planned"]) == len(report.planned)
+
+
+def test_the_policy_reads_the_rule_the_fit_used() -> None:
+    from segd.core import kselect
+    from segd.core.cluster import FitResult
+    from segd.state.refit import verdict_of
+
+    empty = np.zeros(0, np.int64)
+    strength = FitResult(k=5, labels=empty, distances=empty, centroids=np.zeros((5, 4)),
+                         scores={4: 0.9, 5: 0.82}, rule="strength", structured=True)
+    assert verdict_of(strength).threshold == kselect.KSelect().threshold
+    silhouette = dataclasses.replace(strength, rule="silhouette")
+    assert verdict_of(silhouette).threshold is None
+    none = dataclasses.replace(strength, k=1, structured=False)
+    assert not verdict_of(none).structured and verdict_of(none).k == 1

@@ -291,9 +291,12 @@ class Daemon:
         self._record(arrival, embedding, plan.image_id)
         self.counters.pending += 1
         counts = self.store.count_by_state()
-        log.info("pending %s (no clusters yet: %d of %d images needed for the first fit; "
-                 "it waits in the inbox)", arrival.path.name, counts["pending"],
-                 self.config.clustering.min_images)
+        c = self.config.clustering
+        why = (self.waiting or f"the first fit waits for the inbox to be quiet for "
+               f"{c.settle_s:g} s") if counts["pending"] >= c.min_images else \
+            f"{counts['pending']} of {c.min_images} images needed for the first fit"
+        log.info("pending %s (no clusters yet: %s; it waits in the inbox)", arrival.path.name,
+                 why)
 
     # ---- refit --------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from segd.config import Config
+from segd.core import kselect
 from segd.core.cluster import FitCancelled, FitParams, FitResult, assign, fit_stream, match_clusters
 from segd.core.constrained import FREE, constrained_kmeans_stream
 from segd.core.errors import SegdError
@@ -132,12 +133,11 @@ class RefitPlan:
 
 
 def verdict_of(fit: FitResult) -> Verdict:
-    """What the policy reads of a fit. Rules without a no-structure test (the silhouette)
-    always find structure; threshold rules say what their threshold is."""
-    threshold = getattr(fit, "threshold", None)
-    return Verdict(k=fit.k, structured=bool(getattr(fit, "structured", True)),
-                   scores=dict(fit.scores), threshold=threshold,
-                   rule=str(getattr(fit, "rule", "silhouette")))
+    """What the policy reads of a fit. Prediction strength is a threshold rule: k is the
+    largest k whose strength reaches the threshold the fit used (kselect's)."""
+    threshold = kselect.KSelect().threshold if fit.rule == "strength" else None
+    return Verdict(k=fit.k, structured=fit.structured, scores=dict(fit.scores),
+                   threshold=threshold, rule=fit.rule)
 
 
 def run_refit(store: Store, config: Config, params: FitParams, trigger: str, *,
@@ -169,9 +169,11 @@ def run_refit(store: Store, config: Config, params: FitParams, trigger: str, *,
         if cancel is not None and cancel.is_set():
             report.skipped = "stopping; the new fit was not applied"
             return report
-        with contextlib.nullcontext() if dry_run else undo_point(store):  # for `segd undo`
+        # An undo point for `segd undo`, unless nothing is to change.
+        records = not dry_run and plan.decision.action is not Action.WAIT
+        with undo_point(store) if records else contextlib.nullcontext():
             apply_refit(store, config, plan, report)
-        if not dry_run and plan.decision.action is not Action.WAIT:
+        if records:
             store.record_fit(plan.n, report.k, plan.fit.silhouette, plan.fit.scores,
                              report.moved, time.perf_counter() - started, trigger)
             if on_swapped is not None:
@@ -198,7 +200,6 @@ def compute_refit(config: Config, params: FitParams,
                 return (emb for _, emb in reader.iter_embedding_chunks(state=None))
 
             result = fit_stream(chunks, n, params, should_stop)
-            members, pins = _memberships(reader, ids)
             live = reader.clusters(active_only=True)
             old_ids, old_centroids = reader.centroid_matrix()
             live_k = sum(1 for c in live if c.origin == "fit")
@@ -209,12 +210,13 @@ def compute_refit(config: Config, params: FitParams,
             if decision.action is Action.UPDATE:
                 # Every sorted photo stays in its cluster; pending ones join the nearest,
                 # and each centroid becomes its members' mean.
-                fixed = _index_of(old_ids, members)
+                fixed = _index_of(old_ids, _sorted_into(reader, ids))
                 fitted = constrained_kmeans_stream(chunks, n, old_centroids, fixed,
                                                    max_iter=CONSTRAINED_ITERS,
                                                    should_stop=should_stop)
                 return RefitPlan(result, n, decision, ids, fitted.labels, fitted.distances,
                                  fitted.centroids, old_ids.copy())
+            pins = reader.pinned_clusters(ids)
             centroids, cluster_ids = _replacement(config, result, old_ids, old_centroids,
                                                   live, pins)
             fixed = _index_of(cluster_ids, pins)
@@ -232,14 +234,14 @@ def compute_refit(config: Config, params: FitParams,
     return RefitPlan(result, n, decision, ids, labels, distances, centroids, cluster_ids)
 
 
-def _memberships(reader: Store, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each id: the cluster it is sorted into (-1: none), and the one it is pinned to."""
+def _sorted_into(reader: Store, ids: np.ndarray) -> np.ndarray:
+    """For each id (ascending): the cluster it is sorted into, -1 where none."""
     members = np.full(len(ids), FREE, dtype=np.int64)
     for image in reader.iter_images(state="sorted"):
         pos = int(np.searchsorted(ids, image.id))
         if pos < len(ids) and ids[pos] == image.id and image.cluster_id is not None:
             members[pos] = image.cluster_id
-    return members, reader.pinned_clusters(ids)
+    return members
 
 
 def _index_of(cluster_ids: np.ndarray, per_row: np.ndarray) -> np.ndarray:
