@@ -197,7 +197,8 @@ def test_nothing_passing_is_unstructured() -> None:
     c = choose_k(z, KS)
     best = max(c.scores, key=lambda kk: (c.scores[kk], -kk))
     assert c.scores[best] < KSelect().threshold
-    assert (c.k, c.structured, c.excess, c.runner_up) == (1, False, None, best)
+    assert (c.k, c.structured, c.runner_up) == (1, False, best)
+    assert c.excess is not None and c.excess < KSelect().excess_min  # the silhouette's try
     assert c.margin == pytest.approx(KSelect().threshold - c.scores[best])
 
 
@@ -301,3 +302,20 @@ def test_real_photos_k_within_one_of_five(
     assert result.rule == "silhouette" and result.structured
     assert abs(result.k - 5) <= 1, result.scores
     assert adjusted_rand_score(classes, result.labels) >= 0.55
+
+
+def test_more_groups_than_k_max_is_structure_not_none() -> None:
+    """20 clean groups with k at most 10: no k is reproducible (pairs of groups merge
+    differently in each half), yet the rows are plainly clustered. The silhouette decides,
+    and the no-structure test on its choice keeps them from being called unstructured."""
+    z, _ = mixture(20, 30, 10.0, seed=3, dim=32)
+    choice = choose_k(z, KS)
+    assert choice.structured
+    assert choice.k >= 8
+    assert choice.method == "silhouette" and choice.excess is not None
+    assert choice.excess >= KSelect().excess_min
+
+
+def test_a_blob_is_still_unstructured_when_no_k_is_reproducible() -> None:
+    choice = choose_k(blob(600, seed=5), KS)
+    assert not choice.structured and choice.k == 1

@@ -44,6 +44,7 @@ raises) without waiting for the whole of it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -147,9 +148,17 @@ def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint) ->
                                  checkpoint=check)
     passing = [k for k in ks if scores[k] >= s.threshold]
     if not passing:
+        # No k is reproducible enough. Unstructured rows look like that, and so do clearly
+        # clustered rows with more groups than k_max (pairs of groups merge differently in
+        # each half): the no-structure test on the silhouette's choice tells them apart.
         best = max(ks, key=lambda kk: (scores[kk], -kk))
+        fallback = _by_silhouette(z, ks, s, check)
+        excess = (_excess(z, fallback.k, fallback.scores[fallback.k], s, rng, check)
+                  if n >= s.test_min_rows else None)
+        if excess is not None and excess >= s.excess_min:
+            return dataclasses.replace(fallback, excess=excess)
         return KChoice(k=1, scores=scores, method="strength", runner_up=best,
-                       margin=s.threshold - scores[best], silhouette=None, excess=None,
+                       margin=s.threshold - scores[best], silhouette=None, excess=excess,
                        structured=False)
     k = max(passing)
     runner_up, margin = _strength_boundary(scores, ks, passing, s.threshold)
@@ -159,16 +168,9 @@ def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint) ->
         return _silhouette(z, _kmeans(kk, n, s, s.seed).fit_predict(z), s, s.seed)
 
     sils = {k: silhouette_at(k)}
-    excess: float | None = None
-    reference = angular_reference if s.reference == "angular" else gaussian_reference
+    excess = None
     if n >= s.test_min_rows:
-        ref = 0.0
-        for d in range(s.null_draws):
-            zr = reference(z, rng, min(n, s.null_rows))
-            check()
-            labels = _kmeans(k, len(zr), s, s.seed + 1 + d).fit_predict(zr)
-            ref += _silhouette(zr, labels, s, s.seed + 1 + d) / s.null_draws
-        excess = sils[k] - ref
+        excess = _excess(z, k, sils[k], s, rng, check)
         if excess < s.excess_min:
             return KChoice(k=1, scores=scores, method="strength", runner_up=k,
                            margin=s.excess_min - excess, silhouette=None, excess=excess,
@@ -184,6 +186,19 @@ def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint) ->
             runner_up, margin = k + 1, sils[k] - sils[k + 1] - s.step_down
     return KChoice(k=k, scores=scores, method="strength", runner_up=runner_up, margin=margin,
                    silhouette=sils[k], excess=excess, structured=True)
+
+
+def _excess(z: np.ndarray, k: int, silhouette: float, s: KSelect, rng: np.random.Generator,
+            check: Checkpoint) -> float:
+    """The silhouette at k minus the mean silhouette of unstructured references like z."""
+    reference = angular_reference if s.reference == "angular" else gaussian_reference
+    ref = 0.0
+    for d in range(s.null_draws):
+        zr = reference(z, rng, min(len(z), s.null_rows))
+        check()
+        labels = _kmeans(k, len(zr), s, s.seed + 1 + d).fit_predict(zr)
+        ref += _silhouette(zr, labels, s, s.seed + 1 + d) / s.null_draws
+    return silhouette - ref
 
 
 def _strength_boundary(scores: dict[int, float], ks: list[int], passing: list[int],
