@@ -1,4 +1,4 @@
-"""Choosing k across collections: which rule generalises (issue 9).
+"""Choosing k across collections: which rule generalises.
 
     python bench/bench_k.py            # every collection and method (~10 min on 2 cores)
     python bench/bench_k.py --quick    # 8 collections, the main methods (~1-2 min)
