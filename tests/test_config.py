@@ -18,7 +18,6 @@ from segd.config import (
     ClusteringConfig,
     Config,
     ModelConfig,
-    check_folders_writable,
     find_config_path,
     load_config,
     parse_config_file,
@@ -26,6 +25,7 @@ from segd.config import (
     validate,
 )
 from segd.core.errors import ConfigError
+from segd.state.folders import check_folders_writable
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_CONFIG = ROOT / "config.yaml"

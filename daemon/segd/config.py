@@ -296,16 +296,3 @@ def _is_inside(child: Path, parent: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-def check_folders_writable(config: Config) -> None:
-    """Create the working folders and prove each one is writable; name the key if not."""
-    for key in ("inbox", "library", "quarantine", "state_dir"):
-        folder: Path = getattr(config, key)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            problem = f"cannot create {folder}: {exc.strerror}"
-            raise ConfigError(key, problem, config.source) from exc
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ConfigError(key, f"{folder} is not writable by this user", config.source)

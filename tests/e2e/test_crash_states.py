@@ -141,17 +141,14 @@ def test_make_dirs_syncs_each_new_folder_into_its_parent(tmp_path: Path) -> None
     assert _not_durable(rec) == []
 
 
-@pytest.mark.xfail(strict=True, reason="known (docs/reliability.md): check_folders_writable "
-                   "makes the folders with mkdir and never syncs their parent; when fixed "
-                   "(fsops.make_dirs), drop this mark")
 def test_first_start_makes_its_folders_durable(tmp_path: Path) -> None:
     """The daemon's first start creates its folders (check_folders_writable) and files
     photos into them; a folder whose name is not durable takes them along in a power cut
-    (the state folder takes the journal). Installs under systemd are safe: the unit's
-    ReadWritePaths= and StateDirectory= make the folders before segd starts."""
+    (the state folder takes the journal). Found by the exploration; fixed with make_dirs."""
     config = write_config(tmp_path / "tree")
     rec = _record_python(tmp_path, "import sys; from pathlib import Path; "
-                         "from segd.config import parse_config_file, check_folders_writable; "
+                         "from segd.config import parse_config_file; "
+                         "from segd.state.folders import check_folders_writable; "
                          "check_folders_writable(parse_config_file(Path(sys.argv[1])))",
                          str(config))
     assert len([op for op in rec.ops if isinstance(op, Create)]) == 4

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segd.config import Config, check_folders_writable, validate
+from segd.config import Config, validate
 from segd.core.filing import Filing
 from segd.state import schema
+from segd.state.folders import check_folders_writable
 from segd.state.reconcile import reconcile, reconcile_library, resolve_cluster_folder
 from segd.state.store import ImageRow, Store, open_store
 

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from segd.config import ClusteringConfig, Config, check_folders_writable, validate
+from segd.config import ClusteringConfig, Config, validate
 from segd.core.cluster import FitParams
 from segd.core.filing import Filing
 from segd.state import reconcile
+from segd.state.folders import check_folders_writable
 from segd.state.refit import RefitReport, run_refit
 from segd.state.store import MoveRow, open_store
 

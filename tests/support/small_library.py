@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from segd.config import Config, check_folders_writable, validate
+from segd.config import Config, validate
 from segd.core.filing import Filing
 from segd.core.library import safe_folder
+from segd.state.folders import check_folders_writable
 from segd.state.mover import MovePlan, journaled_moves
 from segd.state.reconcile import reconcile, resolve_cluster_folder
 from segd.state.store import open_store

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from segd.config import Config, check_folders_writable, parse_config_file
+from segd.config import Config, parse_config_file
 from segd.core.arrival import ArrivalPlan, plan_arrival
 from segd.core.cluster import FitParams
 from segd.core.errors import ConfigError, FileAccessError, ImageError, SegdError
@@ -39,6 +39,7 @@ from segd.media.embed import Embedder, cpu_count
 from segd.service import notify
 from segd.service.control import ControlServer
 from segd.service.watcher import InboxWatcher
+from segd.state.folders import check_folders_writable
 from segd.state.lock import StateLock, acquire_state_lock
 from segd.state.mover import MovePlan, SourceChangedError, journaled_moves, recover_moves
 from segd.state.quarantine import quarantine_file
