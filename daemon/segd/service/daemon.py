@@ -33,6 +33,7 @@ from segd.core.cluster import FitParams
 from segd.core.errors import ConfigError, FileAccessError, ImageError, SegdError
 from segd.core.pipeline import FLUSH, Embedded, Flush, embed_stream
 from segd.core.refit_policy import Schedule, next_try_at, refit_due
+from segd.core.verdicts import SUSPECT_KINDS, Quarantine, Signature, Suspect, judge
 from segd.core.workqueue import WorkQueue
 from segd.media.decode import DecodeOptions, decode_bytes, read_image_file
 from segd.media.embed import Embedder, cpu_count
@@ -100,6 +101,10 @@ class Daemon:
         self.waiting: str | None = None  # why there are no clusters yet, for the status
         self.started_at = time.time()
         self.watcher = InboxWatcher(config.inbox, config.watch, self._on_ready)
+        # Files that failed as if still being written, and the timers that re-queue them.
+        self._suspects: dict[Path, Suspect] = {}
+        self._suspect_timers: dict[Path, threading.Timer] = {}
+        self._suspects_lock = threading.Lock()
         self.decode_opts = DecodeOptions(size=embedder.input_size, resize=config.model.resize,
                                          max_pixels=config.decode.max_pixels)
 
@@ -201,6 +206,8 @@ class Daemon:
         if isinstance(error, FileAccessError) and not os.path.lexists(arrival.path):
             log.debug("%s vanished before it was read", arrival.path)
             return
+        if error.kind in SUSPECT_KINDS and not self._verdict_settled(arrival.path, error):
+            return
         with self.intake_lock:
             existing = self.store.find_by_path(arrival.path)
             dest = quarantine_file(self.store, self.config, arrival.path, error,
@@ -209,6 +216,45 @@ class Daemon:
             self.counters.quarantined += 1
             log.warning("quarantined %s -> %s: %s: %s", arrival.path.name, dest.name,
                         error.kind, error.reason)
+
+    def _verdict_settled(self, path: Path, error: ImageError) -> bool:
+        """A truncated, corrupt or empty file may be a writer's half-done piece (one that
+        closes and reopens between pieces): quarantine it only once the same version has
+        failed for quiet_s; until then it stays in the inbox and is re-queued then."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False  # gone meanwhile: nothing to quarantine
+        now = time.monotonic()
+        sig = Signature(st.st_size, st.st_mtime_ns, st.st_ino)
+        with self._suspects_lock:
+            verdict = judge(sig, self._suspects.get(path), now, self.config.watch.quiet_s)
+            old = self._suspect_timers.pop(path, None)
+            if old is not None:
+                old.cancel()
+            if isinstance(verdict, Quarantine):
+                self._suspects.pop(path, None)
+                return True
+            self._suspects[path] = verdict.suspect
+
+            def requeue() -> None:
+                with self._suspects_lock:
+                    if self._suspect_timers.get(path) is timer:
+                        del self._suspect_timers[path]
+                    if not os.path.lexists(path):
+                        self._suspects.pop(path, None)  # filed or removed meanwhile
+                        return
+                if not self.stopping.is_set():
+                    self.queue.put(path)
+
+            # A daemon thread: a stop neither waits for it nor lets it queue anything.
+            timer = threading.Timer(max(0.0, verdict.until - now) + 0.05, requeue)
+            timer.daemon = True
+            self._suspect_timers[path] = timer
+            timer.start()
+        log.info("%s looks %s (%s); waiting %.3g s for its writer before quarantining it",
+                 path.name, error.kind, error.reason, verdict.until - now)
+        return False
 
     def _unchanged(self, arrival: Arrival) -> bool:
         """Still the file that was read? (A refit may have filed it meanwhile, a user may
