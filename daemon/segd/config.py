@@ -75,7 +75,9 @@ class ClusteringConfig:
 class WatchConfig:
     polling: bool = False  # True for NFS/SMB/SSHFS, where inotify sees nothing
     poll_interval_s: float = 2.0
-    quiet_s: float = 2.0  # polling mode: size and mtime unchanged this long = complete
+    # Polling: size and mtime unchanged this long = complete; in every mode, how long a file
+    # that looks empty, truncated or corrupt stays unchanged before it is quarantined.
+    quiet_s: float = 2.0
     recursive: bool = False
     rescan_interval_s: float = 300.0
     batch_wait_ms: float = 20.0
