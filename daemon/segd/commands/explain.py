@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -93,10 +92,12 @@ def explain(store: Store, path: Path) -> Explanation:
     """What the store knows of the file at ``path`` (found by its bytes if it moved)."""
     import numpy as np
 
+    from segd.state.fsops import file_sha256
+
     image = store.find_by_path(path)
     out = Explanation(path=str(path), known=image is not None)
     if image is None:
-        sha = _sha256(path)
+        sha = file_sha256(path)
         twins = store.find_by_sha256(sha) if sha else []
         if not twins:
             return out
@@ -125,14 +126,3 @@ def explain(store: Store, path: Path) -> Explanation:
             when = dt.datetime.fromtimestamp(moves[-1].at).strftime("%Y-%m-%d %H:%M")
             out.pinned_because = f"{moves[-1].detail} on {when}"
     return out
-
-
-def _sha256(path: Path) -> str | None:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    except OSError:
-        return None
-    return h.hexdigest()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -184,3 +185,19 @@ def write_csv_new(folder: Path, name: str, header: list[str], rows: list[list[ob
         return link_no_clobber(tmp, folder, name)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file's bytes, never through a symlink; None if it cannot be read."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb", opener=_open_no_follow) as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _open_no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)

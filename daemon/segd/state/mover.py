@@ -12,7 +12,6 @@ Protocol (the store's `moves` table is the write-ahead journal):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -200,15 +199,6 @@ def _link_exact(src: Path, dst: Path) -> None:
         os.rename(src, dst)
 
 
-def file_sha256(path: Path) -> str | None:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    except OSError:
-        return None
-    return h.hexdigest()
 
 
 FilingFor = Callable[[MoveRow, ImageRow], Filing]
@@ -246,7 +236,7 @@ def _recover_one(store: Store, move: MoveRow, filing_for: FilingFor) -> str:
         move.tmp.unlink(missing_ok=True)
     if dst_there and src_there:
         same = os.path.samestat(os.lstat(move.src), os.lstat(move.dst))
-        if not same and (image is None or file_sha256(move.dst) != image.sha256):
+        if not same and (image is None or fsops.file_sha256(move.dst) != image.sha256):
             # dst is someone else's file that took the name: ours never got there.
             store.finish_move(move.id)
             return "rolled back (destination name taken by another file)"

@@ -38,6 +38,7 @@ from segd.core.errors import ImageError, SegdError
 from segd.core.filing import Filing
 from segd.core.library import UNREADABLE_FOLDER, safe_folder
 from segd.state import fsops
+from segd.state.fsops import file_sha256
 from segd.state.store import META_MODEL, ClusterRow, ImageRow, MoveRow, Store
 
 log = logging.getLogger(__name__)
@@ -172,21 +173,6 @@ def _walk(folder: Path) -> Iterable[DiskFile]:
                 yield DiskFile(path, f"{st.st_dev}:{st.st_ino}", st.st_size)
 
 
-def file_sha256(path: Path) -> str | None:
-    import hashlib
-
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb", opener=_no_follow) as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    except OSError:
-        return None
-    return h.hexdigest()
-
-
-def _no_follow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW)
 
 
 # --------------------------------------------------------------------------- embedding

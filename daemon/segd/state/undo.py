@@ -21,9 +21,10 @@ from segd.config import Config
 from segd.core.corrections import KnownImage, detect
 from segd.core.errors import SegdError
 from segd.core.library import safe_folder
+from segd.state.fsops import file_sha256
 from segd.state.journal import RefitMove, RefitPoint
 from segd.state.mover import MovePlan, journaled_moves
-from segd.state.reconcile import file_sha256, known_clusters, record_identities, scan_library
+from segd.state.reconcile import known_clusters, record_identities, scan_library
 from segd.state.store import Store
 
 log = logging.getLogger(__name__)
