@@ -103,11 +103,11 @@ def test_ready_reload_status_and_stopping(
 def test_watchdog_pings_also_during_a_long_refit(
         make_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
     """WATCHDOG_USEC = 3 s. The first fit, over all 40 photos, is made costly (k up to 39
-    with 12 KMeans runs each: several seconds) and runs on its own thread; the main loop
-    keeps pinging through it."""
+    with 100 KMeans runs each: about 10 s on a quiet 2-core machine, far more than one ping
+    interval on any) and runs on its own thread; the main loop keeps pinging through it."""
     env, listener = make_env(
         {"clustering": {"refit_growth": 0, "refit_interval_s": 0, "min_images": 40,
-                        "k_max": 39, "n_init": 12}},
+                        "k_max": 39, "n_init": 100}},
         {"WATCHDOG_USEC": str(WATCHDOG_USEC)})
     env.daemon.start(timeout=120)
     ready = listener.wait_for("READY", "1")
