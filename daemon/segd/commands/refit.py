@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import PurePath
 from typing import Any
 
-from segd.commands.options import check_root, parse_k, root_policy
+from segd.commands.options import parse_k, root_policy
+from segd.commands.writer import NoStore, ask_daemon, writing_store
 from segd.config import Config
-from segd.service import control
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -36,11 +36,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 def refit_command(config: Config, *, k: int | str, dry_run: bool,
                   allow_root: bool | str, as_json: bool = False) -> int:
     k_arg = k if isinstance(k, int) else None
-    try:
-        answer = control.request(config.socket_path,
-                                 {"cmd": "refit", "k": k_arg, "dry_run": dry_run})
-    except control.DaemonNotRunning:
-        answer = None
+    answer = ask_daemon(config, {"cmd": "refit", "k": k_arg, "dry_run": dry_run})
     if answer is not None:
         if not answer.get("ok"):
             print(f"segd: the daemon refused the refit: {answer.get('error')}")
@@ -49,26 +45,20 @@ def refit_command(config: Config, *, k: int | str, dry_run: bool,
                       as_json)
         return 0
 
-    check_root(allow_root, "refit the store")
-    if not config.db_path.exists():
-        print(f"segd: nothing to refit: no store at {config.db_path}")
-        return 1
     # Only the direct refit needs the clustering stack.
     from segd.core.cluster import FitParams
-    from segd.state.lock import acquire_state_lock
     from segd.state.refit import run_refit
-    from segd.state.store import open_store
 
-    with acquire_state_lock(config.lock_path, "refit"):
-        store = open_store(config.db_path)
-        try:
-            params = FitParams.from_config(config.clustering)
-            if isinstance(k, int):
-                params = dataclasses.replace(params, k=k)
+    params = FitParams.from_config(config.clustering)
+    if isinstance(k, int):
+        params = dataclasses.replace(params, k=k)
+    try:
+        with writing_store(config, "refit", "refit the store", allow_root) as store:
             report = run_refit(store, config, params, "segd refit", dry_run=dry_run,
                                forced=k_arg is not None)
-        finally:
-            store.close()
+    except NoStore as exc:
+        print(f"segd: {exc}")
+        return 1
     _print_report(report.to_dict(), report.summary(), as_json)
     return 0
 

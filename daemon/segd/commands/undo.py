@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from segd.commands.options import check_root, root_policy
+from segd.commands.options import root_policy
+from segd.commands.writer import NoStore, ask_daemon, writing_store
 from segd.config import Config
-from segd.service import control
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -23,10 +23,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 def undo_command(config: Config, *, allow_root: bool | str) -> int:
     """Through the running daemon when there is one, else directly under the store lock."""
-    try:
-        answer = control.request(config.socket_path, {"cmd": "undo"})
-    except control.DaemonNotRunning:
-        answer = None
+    answer = ask_daemon(config, {"cmd": "undo"})
     if answer is not None:
         if not answer.get("ok"):
             print(f"segd: nothing was undone: {answer.get('error')}")
@@ -34,22 +31,16 @@ def undo_command(config: Config, *, allow_root: bool | str) -> int:
         print(f"(asked the running daemon) {answer['summary']}")
         return 0
 
-    check_root(allow_root, "undo a refit")
-    if not config.db_path.exists():
-        print(f"segd: nothing to undo: no store at {config.db_path}")
-        return 1
-    from segd.state.lock import acquire_state_lock
-    from segd.state.store import open_store
     from segd.state.undo import UndoRefused, undo_last_refit
 
-    with acquire_state_lock(config.lock_path, "undo"):
-        store = open_store(config.db_path)
-        try:
+    try:
+        with writing_store(config, "undo", "undo a refit", allow_root) as store:
             report = undo_last_refit(store, config)
-        except UndoRefused as exc:
-            print(f"segd: nothing was undone: {exc}")
-            return 1
-        finally:
-            store.close()
+    except NoStore as exc:
+        print(f"segd: {exc}")
+        return 1
+    except UndoRefused as exc:
+        print(f"segd: nothing was undone: {exc}")
+        return 1
     print(report.summary())
     return 0
