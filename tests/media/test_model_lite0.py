@@ -14,8 +14,6 @@ and must only be regenerated when the model file is rebuilt on purpose.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import importlib.util
 import io
 import os
 import pickle
@@ -26,11 +24,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import get_args, get_type_hints
 
-import cv2
 import numpy as np
 import onnx
+import onnx_model
 import onnxruntime as ort
 import pytest
+from onnx_model import embed, load_script, session, sha256
 
 from segd.config import ModelConfig, parse_config_file
 from segd.core.errors import ConfigError
@@ -62,54 +61,21 @@ META = {
 }
 
 
-def load_crop(path: Path, size: int = SIZE) -> np.ndarray:
-    """RGB uint8 HWC: shorter side resized to ``size`` with INTER_AREA, centre crop."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    assert bgr is not None, path
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    h, w = rgb.shape[:2]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
-    rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
-    y, x = (nh - size) // 2, (nw - size) // 2
-    return rgb[y : y + size, x : x + size]
-
-
 def to_input(rgb: np.ndarray) -> np.ndarray:
     """uint8 NHWC RGB -> float32 NCHW, ``(x - 127) / 128`` as the metadata says."""
     return np.ascontiguousarray(((rgb.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2))
 
 
+def load_crop(path: Path, size: int = SIZE) -> np.ndarray:
+    return onnx_model.load_crop(path, size)
+
+
 def synthetic_inputs() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {
-        "random": rng.uniform(-1.0, 1.0, (2, 3, SIZE, SIZE)).astype(np.float32),
-        "constant": np.full((1, 3, SIZE, SIZE), 0.25, np.float32),
-    }
-
-
-def session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def embed(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
-    return sess.run(["embedding"], {"input": x})[0]
+    return onnx_model.synthetic_inputs(SIZE)
 
 
 def load_builder() -> ModuleType:
-    path = MODELS / "build_efficientnet_lite0_onnx.py"
-    spec = importlib.util.spec_from_file_location("build_efficientnet_lite0_onnx", path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return load_script(MODELS / "build_efficientnet_lite0_onnx.py")
 
 
 @pytest.fixture(scope="module")
