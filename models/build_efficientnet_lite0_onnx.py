@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 # The fp16 conversion and the pinned format fields are the MobileNetV2 builder's, so that both
 # models' files are made the same way.
@@ -36,6 +36,7 @@ from segd.models.build_mobilenetv2_onnx import (
     IR_VERSION,
     OPSET,
     PRODUCER_NAME,
+    ConvGraph,
     to_fp16,
     write_atomic,
 )
@@ -126,13 +127,10 @@ def folded_conv(sd: dict[str, np.ndarray], conv: str, bn: str) -> tuple[np.ndarr
 # --------------------------------------------------------------------------------------------
 
 
-class GraphBuilder:
+class GraphBuilder(ConvGraph):
     def __init__(self, sd: dict[str, np.ndarray]) -> None:
+        super().__init__()
         self.sd = sd
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "relu6_min"))
-        self.inits.append(numpy_helper.from_array(np.array(6.0, np.float32), "relu6_max"))
 
     def conv_bn(
         self,
@@ -145,33 +143,8 @@ class GraphBuilder:
         relu6: bool = True,
     ) -> str:
         kernel, bias = folded_conv(self.sd, conv, bn)
-        self.inits.append(numpy_helper.from_array(kernel, f"{conv}.weight"))
-        self.inits.append(numpy_helper.from_array(bias, f"{conv}.bias"))
-        ksize = int(kernel.shape[2])
-        attrs: dict[str, object] = {
-            "kernel_shape": [ksize, ksize],
-            "strides": [stride, stride],
-            "group": int(kernel.shape[0]) if depthwise else 1,
-        }
-        if stride == 2:
-            # TF "same" (efficientnet_lite_pytorch's Conv2dStaticSamePadding): any odd padding
-            # goes after, which is SAME_UPPER, worked out per input size.
-            attrs["auto_pad"] = "SAME_UPPER"
-        else:
-            p = ksize // 2
-            attrs["pads"] = [p, p, p, p]
-        self.nodes.append(
-            helper.make_node(
-                "Conv", [x, f"{conv}.weight", f"{conv}.bias"], [conv], name=conv, **attrs
-            )
-        )
-        if not relu6:
-            return conv
-        out = f"{conv}_relu6"
-        self.nodes.append(
-            helper.make_node("Clip", [conv, "relu6_min", "relu6_max"], [out], name=out)
-        )
-        return out
+        return self.add_conv(x, conv, kernel, bias, stride=stride, depthwise=depthwise,
+                             relu6=relu6)
 
     def block(
         self, x: str, idx: int, in_ch: int, kernel: int, stride: int, expansion: int, filters: int

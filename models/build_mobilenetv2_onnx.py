@@ -201,25 +201,18 @@ def folded_conv(w: Weights, conv: str, bn: str, depthwise: bool) -> tuple[np.nda
 # --------------------------------------------------------------------------------------------
 
 
-class GraphBuilder:
-    def __init__(self, weights: Weights) -> None:
-        self.w = weights
+class ConvGraph:
+    """Nodes and initialisers of a graph of BatchNorm-folded convolutions with ReLU6; both
+    model builders emit their convolutions through `add_conv`, so both graphs agree."""
+
+    def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "relu6_min"))
         self.inits.append(numpy_helper.from_array(np.array(6.0, np.float32), "relu6_max"))
 
-    def conv_bn(
-        self,
-        x: str,
-        conv: str,
-        bn: str,
-        *,
-        stride: int = 1,
-        depthwise: bool = False,
-        relu6: bool = True,
-    ) -> str:
-        kernel, bias = folded_conv(self.w, conv, bn, depthwise)
+    def add_conv(self, x: str, conv: str, kernel: np.ndarray, bias: np.ndarray, *,
+                 stride: int, depthwise: bool, relu6: bool) -> str:
         self.inits.append(numpy_helper.from_array(kernel, f"{conv}.weight"))
         self.inits.append(numpy_helper.from_array(bias, f"{conv}.bias"))
         ksize = int(kernel.shape[2])
@@ -229,8 +222,9 @@ class GraphBuilder:
             "group": int(kernel.shape[0]) if depthwise else 1,
         }
         if stride == 2:
-            # TF "same" (and Keras' ZeroPadding2D(((0, 1), (0, 1))) + "valid" at even sizes):
-            # any odd padding goes after, which is SAME_UPPER, worked out per input size.
+            # TF "same" (Keras' ZeroPadding2D(((0, 1), (0, 1))) + "valid" at even sizes, and
+            # efficientnet_lite_pytorch's Conv2dStaticSamePadding): any odd padding goes after,
+            # which is SAME_UPPER, worked out per input size.
             attrs["auto_pad"] = "SAME_UPPER"
         else:
             p = ksize // 2
@@ -247,6 +241,26 @@ class GraphBuilder:
             helper.make_node("Clip", [conv, "relu6_min", "relu6_max"], [out], name=out)
         )
         return out
+
+
+class GraphBuilder(ConvGraph):
+    def __init__(self, weights: Weights) -> None:
+        super().__init__()
+        self.w = weights
+
+    def conv_bn(
+        self,
+        x: str,
+        conv: str,
+        bn: str,
+        *,
+        stride: int = 1,
+        depthwise: bool = False,
+        relu6: bool = True,
+    ) -> str:
+        kernel, bias = folded_conv(self.w, conv, bn, depthwise)
+        return self.add_conv(x, conv, kernel, bias, stride=stride, depthwise=depthwise,
+                             relu6=relu6)
 
     def block(self, x: str, idx: int, in_ch: int) -> tuple[str, int]:
         filters, stride, expansion = BLOCKS[idx]
