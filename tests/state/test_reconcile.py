@@ -70,7 +70,7 @@ def test_a_v2_database_migrates_with_nothing_pinned(db: Path) -> None:
         assert s.pinned_mask(np.array([1])).tolist() == [False]
         assert s.integrity_check() == "ok"
     raw = sqlite3.connect(db)
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 3
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 4
     assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
     raw.close()
 

@@ -222,9 +222,16 @@ def test_fits_and_meta_round_trip(s: Store) -> None:
         500, 3, 0.61, 120, 2.5, "drift",
     )  # fmt: skip
     assert f.scores == {2: 0.5, 3: 0.61, 4: 0.55}
-    s.record_fit(1, 1, float("nan"), {}, 0, 0.0, "manual")
+    assert (f.rule, f.runner_up, f.margin) == (None, None, None)
+    s.record_fit(1, 1, float("nan"), {}, 0, 0.0, "manual", rule="strength", runner_up=4,
+                 margin=float("nan"))
     last = s.last_fit()
     assert last is not None and last.silhouette is None and last.scores == {}
+    assert (last.rule, last.runner_up, last.margin) == ("strength", 4, None)
+    s.record_fit(600, 6, 0.2, {6: 0.83}, 0, 1.0, "startup", rule="strength", runner_up=5,
+                 margin=0.031)
+    last = s.last_fit()
+    assert last is not None and (last.rule, last.runner_up, last.margin) == ("strength", 5, 0.031)
 
     assert s.get_meta("x") is None and s.get_meta("x", "d") == "d"
     s.set_meta("x", "1")
@@ -414,6 +421,7 @@ def test_migrates_a_v1_database(db: Path) -> None:
         assert [c.folder for c in store.clusters()] == ["old"]
         fit = store.last_fit()
         assert fit is not None and fit.trigger == "startup"
+        assert (fit.rule, fit.runner_up, fit.margin) == (None, None, None)  # step 4: unknown
         assert store.get_meta("model_sha256") == "abc"
         # The step-2 table exists and works.
         mid = store.begin_move(1, "/lib/old/a.jpg", "/lib/new/a.jpg")

@@ -18,7 +18,8 @@ from segd.state.db import Database, abs_path
 _CLUSTER_COLS: Final = "id, folder, centroid, size, created_at, retired_at, origin"
 _CLUSTER_UPDATABLE: Final = frozenset({"folder", "centroid", "size", "retired_at", "origin"})
 CLUSTER_ORIGINS: Final = ("fit", "user")
-_FIT_COLS: Final = "id, at, n, k, silhouette, scores, moved, duration_s, trigger"
+_FIT_COLS: Final = ("id, at, n, k, silhouette, scores, moved, duration_s, trigger, rule, "
+                    "runner_up, margin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,9 @@ class FitRow:
     moved: int
     duration_s: float
     trigger: str
+    rule: str | None = None  # what chose k: "strength", "silhouette" or "fixed" (see FitResult)
+    runner_up: int | None = None  # see kselect.KChoice; None for fits before schema 4
+    margin: float | None = None
 
 
 class ClusterTable(Database):
@@ -173,16 +177,21 @@ class ClusterTable(Database):
         moved: int,
         duration_s: float,
         trigger: str,
+        *,
+        rule: str | None = None,
+        runner_up: int | None = None,
+        margin: float | None = None,
     ) -> int:
-        # NaN cannot round-trip (SQLite stores it as NULL, strict JSON rejects it): say None.
-        sil = None if silhouette is None or not math.isfinite(silhouette) else float(silhouette)
+        sil = _finite(silhouette)
         payload = json.dumps(
             {str(int(kk)): (float(v) if math.isfinite(v) else None) for kk, v in scores.items()}
         )
         with self._write("record fit") as conn:
             cur = conn.execute(
-                f"INSERT INTO fits({_FIT_COLS.removeprefix('id, ')}) VALUES (?,?,?,?,?,?,?,?)",
-                (time.time(), n, k, sil, payload, moved, duration_s, trigger),
+                f"INSERT INTO fits({_FIT_COLS.removeprefix('id, ')}) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (time.time(), n, k, sil, payload, moved, duration_s, trigger, rule,
+                 runner_up, _finite(margin)),
             )
             return int(cur.lastrowid)  # type: ignore[arg-type]
 
@@ -197,8 +206,14 @@ class ClusterTable(Database):
             raise StoreError(f"{self.path}: fit {r[0]}: unreadable scores: {e}") from e
         return FitRow(
             id=r[0], at=r[1], n=r[2], k=r[3], silhouette=r[4], scores=scores,
-            moved=r[6], duration_s=r[7], trigger=r[8],
+            moved=r[6], duration_s=r[7], trigger=r[8], rule=r[9], runner_up=r[10],
+            margin=r[11],
         )  # fmt: skip
+
+
+def _finite(value: float | None) -> float | None:
+    # NaN cannot round-trip (SQLite stores it as NULL, strict JSON rejects it): say None.
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def _check_folder(folder: str, what: str) -> None:

@@ -153,9 +153,20 @@ def _m3_corrections(conn: sqlite3.Connection) -> None:
         conn.execute(sql)
 
 
+def _m4_fit_choice(conn: sqlite3.Connection) -> None:
+    # How sure a fit's k was (kselect.KChoice): `segd status` shows it long after the fit.
+    for sql in (
+        "ALTER TABLE fits ADD COLUMN rule TEXT",
+        "ALTER TABLE fits ADD COLUMN runner_up INTEGER",
+        "ALTER TABLE fits ADD COLUMN margin REAL",
+    ):
+        conn.execute(sql)
+
+
 # Append only: position i holds the step from version i to i + 1. Never edit a shipped step;
 # databases in the field have already run it.
-MIGRATIONS: Final[tuple[Migration, ...]] = (_m1_initial, _m2_move_journal, _m3_corrections)
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    _m1_initial, _m2_move_journal, _m3_corrections, _m4_fit_choice)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
