@@ -206,6 +206,8 @@ def test_first_refit_creates_clusters_and_files_pending_images(lib: Library) -> 
     assert all(c.size == PER_BLOB for c in lib.store.clusters())
     fit = lib.store.last_fit()
     assert fit is not None and (fit.n, fit.k, fit.trigger) == (3 * PER_BLOB, 3, "test")
+    # How sure the choice was, for `segd status`: the rule's own figures.
+    assert fit.rule == report.rule and fit.runner_up is not None and fit.margin is not None
     assert lib.store.pending_moves() == []
 
 

@@ -174,8 +174,13 @@ def run_refit(store: Store, config: Config, params: FitParams, trigger: str, *,
         with undo_point(store) if records else contextlib.nullcontext():
             apply_refit(store, config, plan, report)
         if records:
+            # How sure k was describes the fit's own k, not live clusters kept instead.
+            own = report.k == plan.fit.k
             store.record_fit(plan.n, report.k, plan.fit.silhouette, plan.fit.scores,
-                             report.moved, time.perf_counter() - started, trigger)
+                             report.moved, time.perf_counter() - started, trigger,
+                             rule=plan.fit.rule if own else None,
+                             runner_up=plan.fit.runner_up if own else None,
+                             margin=plan.fit.margin if own else None)
             if on_swapped is not None:
                 on_swapped()
     report.seconds = time.perf_counter() - started
