@@ -70,7 +70,8 @@ def collect_status(config: Config) -> dict[str, Any]:
     status["last_fit"] = None if fit is None else {
         "at": fit.at, "n": fit.n, "k": fit.k, "silhouette": fit.silhouette,
         "scores": {str(k): v for k, v in fit.scores.items()}, "moved": fit.moved,
-        "duration_s": fit.duration_s, "trigger": fit.trigger}
+        "duration_s": fit.duration_s, "trigger": fit.trigger, "rule": fit.rule,
+        "runner_up": fit.runner_up, "margin": fit.margin}
     return status
 
 
@@ -107,16 +108,29 @@ def status_command(config: Config, *, as_json: bool, overview: Path | None = Non
     if fit:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(fit["at"]))
         sil = f"{fit['silhouette']:.3f}" if fit["silhouette"] is not None else "n/a"
-        print(f"last fit:    {when} ({fit['trigger']}), n={fit['n']}, k={fit['k']}, "
-              f"silhouette {sil}, {fit['moved']} files moved")
+        print(f"last fit:    {when} ({fit['trigger']}), n={fit['n']}, k={fit['k']}"
+              f"{how_sure(fit)}, silhouette {sil}, {fit['moved']} files moved")
     else:
         print("last fit:    none yet")
-    print(f"clusters:    {len(status['clusters'])}")
+    waiting = daemon.get("clusters_waiting") if daemon else None
+    print(f"clusters:    {len(status['clusters'])}" + (f" ({waiting})" if waiting else ""))
     for c in status["clusters"]:
         print(f"  {c['folder']:<28} {c['size']:7d}  {c['path']}")
     if overview is not None and status.get("clusters"):
         print(f"overview:    {overview}")
     return 0
+
+
+def how_sure(fit: dict[str, Any]) -> str:
+    """How sure the fit's k was: " (strength, margin +0.031, runner-up k = 5)"."""
+    if fit.get("rule") in (None, "fixed"):
+        return " (as asked)" if fit.get("rule") == "fixed" else ""
+    parts = [fit["rule"]]
+    if fit.get("margin") is not None:
+        parts.append(f"margin {fit['margin']:+.3f}")
+    if fit.get("runner_up") is not None:
+        parts.append(f"runner-up k = {fit['runner_up']}")
+    return f" ({', '.join(parts)})"
 
 
 def write_library_overview(config: Config, out: Path, per_cluster: int = 8) -> None:
