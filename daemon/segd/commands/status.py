@@ -92,6 +92,9 @@ def status_command(config: Config, *, as_json: bool, overview: Path | None = Non
             print(f"             GPU NOT IN USE: {daemon['gpu_fallback_reason']}")
         print(f"queue:       {daemon['queue_depth']} waiting, {daemon['in_flight']} in flight"
               + (", refit running" if daemon["refit_running"] else ""))
+        if daemon.get("state_unavailable"):
+            print(f"             PAUSED: {daemon['state_unavailable']['message']}; "
+                  "files wait in the inbox")
     else:
         print(f"daemon:      {status.get('daemon_note', 'not running')}")
     counts = status.get("counts")

@@ -7,6 +7,11 @@ Threads and what they own:
   network never waits for the disk (at most `FILING_BACKLOG` batches wait between them);
 - refit: fits off the intake path, then swaps the clusters in under `intake_lock`;
 - watcher and control server threads, which only enqueue work or call `handle_control`.
+
+When the state folder cannot take commits (full, read-only, failing), the daemon pauses:
+intake drops what it is handed (the files stay in the inbox), nothing is filed, refits and
+undo are refused, and the main loop probes the folder every `STATE_PROBE_S`; once a probe
+succeeds it settles the journaled moves the failure left open and rescans the inbox.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ from segd.core.cluster import FitParams
 from segd.core.errors import ConfigError, FileAccessError, ImageError, SegdError
 from segd.core.pipeline import FLUSH, Embedded, Flush, embed_stream
 from segd.core.refit_policy import Schedule, next_try_at, refit_due
+from segd.core.state_health import StatePause, StateUnavailable, StateUnavailableError, classify
 from segd.core.verdicts import SUSPECT_KINDS, Quarantine, Signature, Suspect, judge
 from segd.core.workqueue import WorkQueue
 from segd.media.decode import DecodeOptions, decode_bytes, read_image_file
 from segd.media.embed import Embedder, cpu_count
 from segd.service import notify
 from segd.service.control import ControlServer
+from segd.service.state_guard import probe_state, probe_state_dir, settle_interrupted
 from segd.service.watcher import InboxWatcher
 from segd.state.folders import check_folders_writable
 from segd.state.lock import StateLock, acquire_state_lock
@@ -56,6 +63,7 @@ REFIT_RETRY_S = 60.0
 # Embedded batches waiting for the filing thread: two keep the network busy while one batch
 # is filed, and bound how much work a stop (or a crash) leaves unfiled in the inbox.
 FILING_BACKLOG = 2
+STATE_PROBE_S = 2.0  # how often a paused daemon tries the state folder again
 
 
 @dataclass
@@ -105,6 +113,8 @@ class Daemon:
         self._suspects: dict[Path, Suspect] = {}
         self._suspect_timers: dict[Path, threading.Timer] = {}
         self._suspects_lock = threading.Lock()
+        self.state_pause = StatePause(STATE_PROBE_S)
+        self._pause_lock = threading.Lock()
         self.decode_opts = DecodeOptions(size=embedder.input_size, resize=config.model.resize,
                                          max_pixels=config.decode.max_pixels)
 
@@ -128,6 +138,14 @@ class Daemon:
             if path is None:
                 if self.queue.closed:
                     return
+                if not flushed:
+                    flushed = True
+                    yield FLUSH
+                continue
+            if self.state_pause.paused:
+                # Not read, not embedded: it stays in the inbox, and the rescan at the
+                # resume hands it back.
+                self.queue.done(path)
                 if not flushed:
                     flushed = True
                     yield FLUSH
@@ -163,6 +181,10 @@ class Daemon:
                 self.stopping.set()
 
     def _handle_batch(self, batch: list[Embedded[Arrival]]) -> None:
+        if self.state_pause.paused:
+            for result in batch:  # embedded before the pause: filed after it, by the rescan
+                self.queue.done(result.item.path)
+            return
         accepted = []
         for result in batch:
             if result.error is None:
@@ -185,11 +207,12 @@ class Daemon:
             for result in accepted:
                 self.queue.done(result.item.path)
 
-    @staticmethod
-    def _left_in_inbox(path: Path, exc: Exception) -> None:
+    def _left_in_inbox(self, path: Path, exc: Exception) -> None:
         """One file (or batch) must never stop the daemon: it stays in the inbox and is
         tried again when a rescan finds it (watch.rescan_interval_s)."""
-        if isinstance(exc, FileNotFoundError):
+        if self._state_failed(exc):
+            log.debug("%s left in the inbox: the state folder cannot take commits", path)
+        elif isinstance(exc, FileNotFoundError):
             log.debug("%s vanished before it could be filed", path)
         elif isinstance(exc, SourceChangedError):
             # Replaced or rewritten since it was read: the newer file is reported again
@@ -345,6 +368,58 @@ class Daemon:
         log.info("pending %s (no clusters yet: %s; it waits in the inbox)", arrival.path.name,
                  why)
 
+    # ---- the state folder ---------------------------------------------------------------
+
+    def _state_failed(self, exc: BaseException) -> bool:
+        """Whether `exc` says the state folder cannot take commits; the first such failure
+        pauses the daemon (one warning, one STATUS=)."""
+        reason = classify(exc, self.config.state_dir)
+        if reason is None:
+            return False
+        with self._pause_lock:
+            began = self.state_pause.pause(reason, time.monotonic())
+        if began:
+            log.warning("%s: not taking files until it can take commits again; they wait in "
+                        "the inbox, refits and undo wait too; trying again every %.0f s",
+                        reason.describe(self.config.state_dir), STATE_PROBE_S)
+            notify.status(self.status_line())
+        return True
+
+    def _refuse_while_paused(self, what: str) -> None:
+        reason = self.state_pause.reason
+        if reason is not None:
+            raise StateUnavailableError(f"{what} refused: {reason.describe(self.config.state_dir)}"
+                                        "; it works again once the folder can take commits")
+
+    def _try_resume(self) -> None:
+        """Probe the paused state folder; on success settle what the failure interrupted
+        (with no filing, refit or undo under way) and hand the inbox back to intake."""
+        reason: StateUnavailable | None = probe_state(self.store, self.config.state_dir)
+        recovered = 0
+        if reason is None:
+            if not self.refit_lock.acquire(blocking=False):
+                return  # a refit begun before the pause is still ending: next probe
+            try:
+                with self.intake_lock:
+                    recovered = settle_interrupted(self.store, self.config)
+                    self.centroid_ids, self.centroids = self.store.centroid_matrix()
+            except Exception as exc:
+                reason = classify(exc, self.config.state_dir)
+                if reason is None:
+                    raise
+            finally:
+                self.refit_lock.release()
+        with self._pause_lock:
+            if reason is not None:
+                self.state_pause.probe_failed(reason, time.monotonic())
+                return
+            paused_s = self.state_pause.resume(time.monotonic())
+        log.info("the state folder %s takes commits again after %.0f s: resuming; %d "
+                 "interrupted move(s) settled; rescanning the inbox", self.config.state_dir,
+                 paused_s, recovered)
+        notify.status(self.status_line())
+        self.watcher.rescan()
+
     # ---- refit --------------------------------------------------------------------------
 
     def refit(self, trigger: str, k: int | str | None = None,
@@ -360,11 +435,17 @@ class Daemon:
             self.unstructured_n, self.waiting = 0, None
 
         with self.refit_lock:
+            self._refuse_while_paused(f"refit ({trigger})")
             notify.status(f"refitting ({trigger})")
-            report = run_refit(self.store, self.config, self.fit_params(k), trigger,
-                               dry_run=dry_run, swap_lock=self.intake_lock,
-                               on_swapped=swapped, cancel=self.stopping,
-                               forced=k is not None)
+            try:
+                report = run_refit(self.store, self.config, self.fit_params(k), trigger,
+                                   dry_run=dry_run, swap_lock=self.intake_lock,
+                                   on_swapped=swapped, cancel=self.stopping,
+                                   forced=k is not None)
+            except Exception as exc:
+                if self._state_failed(exc):
+                    self._refuse_while_paused(f"refit ({trigger})")
+                raise
         log.info("%s", report.summary())
         if report.outcome == "waiting" and not dry_run:
             # No structure yet: the photos stay pending; try again after some growth.
@@ -401,6 +482,8 @@ class Daemon:
             self.config.clustering)
 
     def _maybe_start_refit(self) -> None:
+        if self.state_pause.paused:
+            return
         if self.refit_thread is not None and self.refit_thread.is_alive():
             return
         if time.monotonic() < self.refit_retry_at:
@@ -413,6 +496,8 @@ class Daemon:
             try:
                 self.refit(trigger)
                 return
+            except StateUnavailableError:
+                return  # said once when the pause began; refits wait for the resume
             except (OSError, SegdError) as exc:
                 # The library is full, read-only or otherwise unwritable: expected.
                 log.warning("refit (%s) could not be applied: %s; the old clusters stay in "
@@ -435,13 +520,26 @@ class Daemon:
             return {"ok": True, "refit": report.to_dict(), "summary": report.summary()}
         if message["cmd"] == "undo":
             with self.refit_lock, self.intake_lock:  # no refit, no filing meanwhile
-                undone = undo_last_refit(self.store, self.config)
-                self.centroid_ids, self.centroids = self.store.centroid_matrix()
+                self._refuse_while_paused("undo")
+                try:
+                    undone = undo_last_refit(self.store, self.config)
+                except Exception as exc:
+                    if self._state_failed(exc):
+                        self._refuse_while_paused("undo")
+                    raise
+                finally:
+                    self.centroid_ids, self.centroids = self.store.centroid_matrix()
             return {"ok": True, "summary": undone.summary()}
         return {"ok": False, "error": f"unknown command {message['cmd']!r}"}
 
     def live_status(self) -> dict[str, Any]:
         r = self.embedder.report
+        with self._pause_lock:
+            reason, since = self.state_pause.reason, self.state_pause.since
+        state = None if reason is None else {
+            "kind": reason.kind, "detail": reason.detail,
+            "message": reason.describe(self.config.state_dir),
+            "for_s": round(time.monotonic() - since, 1)}
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -453,10 +551,20 @@ class Daemon:
             "in_flight": self.queue.in_flight,
             "refit_running": self.refit_lock.locked(),
             "clusters_waiting": self.waiting,  # why there are no clusters yet (None: there are)
+            "state_unavailable": state,  # why nothing is filed now (None: the store commits)
             "this_run": dataclasses.asdict(self.counters),
         }
 
     def status_line(self) -> str:
+        reason = self.state_pause.reason
+        paused = "" if reason is None else \
+            f"PAUSED, {reason.describe(self.config.state_dir)}; files wait in the inbox; "
+        try:
+            return paused + self._counts_line()
+        except SegdError as exc:  # a failing disk may refuse reads too
+            return paused + f"store unreadable: {exc}"
+
+    def _counts_line(self) -> str:
         counts = self.store.count_by_state()
         device = "GPU" if self.embedder.report.on_gpu else "CPU"
         clusters = f"{len(self.centroids)} clusters" if self.waiting is None else \
@@ -516,6 +624,8 @@ class Daemon:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
+            if self.state_pause.probe_due(time.monotonic()):
+                self._try_resume()
             self._maybe_start_refit()
             if time.monotonic() - last_status >= STATUS_EVERY_S:
                 last_status = time.monotonic()
@@ -535,6 +645,8 @@ class Daemon:
 
 
 def run_daemon(config: Config) -> int:
+    if not _wait_for_state_dir(config):
+        return 0
     check_folders_writable(config)
     lock: StateLock = acquire_state_lock(config.lock_path, "daemon")
     store = open_store(config.db_path)
@@ -557,10 +669,49 @@ def run_daemon(config: Config) -> int:
         _install_signals(daemon)
         return daemon.serve()
     finally:
-        if control is not None:
-            control.stop()
-        store.close()
-        lock.release()
+        try:
+            if control is not None:
+                control.stop()
+        except OSError as exc:  # a state folder turned read-only keeps the socket's name
+            log.warning("could not remove the control socket: %s", exc)
+        finally:
+            store.close()
+            lock.release()
+
+
+def _wait_for_state_dir(config: Config) -> bool:
+    """A state folder that cannot be written at start (read-only, full): say so and wait
+    until it can, rather than exit for systemd to restart into the same wall. False when
+    stopped while waiting. A folder not there yet is made (or refused) as usual after."""
+    state_dir = config.state_dir
+    if not state_dir.is_dir() or (reason := probe_state_dir(state_dir)) is None:
+        return True
+    stop = threading.Event()
+    handlers = {signum: signal.signal(signum, lambda *_: stop.set())
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        log.warning("%s: waiting for it before starting; files wait in the inbox; trying "
+                    "again every %.0f s", reason.describe(state_dir), STATE_PROBE_S)
+        # READY: the service is up and says why it waits (systemd would otherwise kill it
+        # at TimeoutStartSec and restart it into the same folder).
+        notify.ready(f"PAUSED, {reason.describe(state_dir)}; waiting for it before starting")
+        ping_every = notify.watchdog_interval()
+        next_probe = time.monotonic() + STATE_PROBE_S
+        while not stop.wait(min(1.0, ping_every) if ping_every else 1.0):
+            if ping_every:
+                notify.watchdog_ping()
+            if time.monotonic() < next_probe:
+                continue
+            if probe_state_dir(state_dir) is None:
+                log.info("the state folder %s can be written again: starting", state_dir)
+                return True
+            next_probe = time.monotonic() + STATE_PROBE_S
+        notify.stopping()
+        log.info("stopped while waiting for the state folder %s", state_dir)
+        return False
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def _install_signals(daemon: Daemon) -> None:

@@ -1,0 +1,283 @@
+"""The real daemon when its state folder (the SQLite store, the move journal) cannot take
+commits: filled to the last byte, read-only at start, and turned read-only under it by the
+kernel. Every fault is real: a small tmpfs filled by a ballast file, a tmpfs remounted
+`ro` (possible only while nothing holds a file open for writing: `remount,ro` fails with
+EBUSY under a running SQLite), and an ext4 image on a loop device that the kernel aborts
+the way it does on a disk error (`/sys/fs/ext4/<dev>/trigger_fs_error` with
+`errors=remount-ro`). What the machine cannot do is skipped with the reason (CI runs as
+root and can do all of it).
+
+Each case ends with `check_invariant`: every photo exactly once, byte-identical, the store
+agreeing with the disk, no open journal row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_harness import photos, segd_cli, status_json, wait_until
+from notify_listener import Notification, NotifyListener
+from reliability_env import Env, remount, tmpfs
+
+from segd.service.daemon import STATE_PROBE_S
+
+slow = pytest.mark.slow
+
+PAUSE_LINE = r"WARNING .*the state folder .* is (full|read-only|failing).*not taking files"
+RESUME_LINE = r"INFO .*the state folder .* takes commits again"
+# No growth or interval refits: the only refits are the ones the test asks for.
+QUIET: dict[str, Any] = {"clustering": {"refit_growth": 0, "refit_interval_s": 0}}
+
+
+@pytest.fixture
+def make_env(tmp_path: Path) -> Iterator[Callable[..., tuple[Env, NotifyListener]]]:
+    made: list[tuple[Env, NotifyListener]] = []
+
+    def make(extra_env: dict[str, str] | None = None) -> tuple[Env, NotifyListener]:
+        env = Env(tmp_path / f"segd{len(made)}", QUIET)
+        listener = NotifyListener()
+        env.daemon.extra_env = {**listener.env, **(extra_env or {})}
+        made.append((env, listener))
+        return env, listener
+
+    yield make
+    for env, listener in made:
+        env.daemon.cleanup()
+        listener.close()
+        print(f"\n==== {env.root}: {env.tree.describe()}\n==== notifications\n"
+              f"{listener.describe()}")
+        print(env.daemon.log_tail(80))
+
+
+def ballast_file(folder: Path) -> Path:
+    """A file that takes every free page of `folder`'s filesystem, written unbuffered (a
+    buffered writer would fail again at close with what it still holds)."""
+    ballast = folder / "ballast.bin"
+    with open(ballast, "wb", buffering=0) as fh:
+        for size in (1 << 20, 4096, 1):
+            block = b"\0" * size
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(block)
+    assert os.statvfs(folder).f_bavail == 0, "the ballast left room"
+    return ballast
+
+
+def _paused(env: Env) -> dict[str, Any] | None:
+    daemon = status_json(env.config)["daemon"]
+    assert daemon is not None, "the daemon does not answer its control socket"
+    return daemon["state_unavailable"]
+
+
+def _paused_notes(listener: NotifyListener, start: int) -> list[Notification]:
+    return [m for m in listener.having("STATUS", start=start)
+            if m.fields["STATUS"].startswith("PAUSED, the state folder ")]
+
+
+def _untouched(files: dict[Path, tuple[int, int, bytes]]) -> None:
+    for path, (ino, mtime, data) in files.items():
+        st = path.lstat()
+        assert (st.st_ino, st.st_mtime_ns) == (ino, mtime) and path.read_bytes() == data, path
+
+
+def _snapshot(paths: list[Path]) -> dict[Path, tuple[int, int, bytes]]:
+    return {p: (p.lstat().st_ino, p.lstat().st_mtime_ns, p.read_bytes()) for p in paths}
+
+
+def _refused(env: Env, *args: str) -> str:
+    done = segd_cli(env.config, *args, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, (args, out)
+    assert f"the state folder {env.folders.state_dir}" in out, (args, out)
+    return out
+
+
+@slow
+def test_state_folder_full_pauses_then_resumes(
+        make_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
+    """The state folder is a 16 MiB tmpfs. With 12 photos filed, a ballast file fills it to
+    the last page; 12 more photos are dropped. The daemon pauses: one warning, `segd
+    status` (text and --json) and STATUS= say why, naming the folder; the photos stay in
+    the inbox untouched through several probes and rescans; `segd refit` and `segd undo`
+    are refused naming the folder. The ballast removed, it resumes by itself (one line)
+    and files all 12; then the invariant."""
+    env, listener = make_env()
+    state = env.folders.state_dir
+    with tmpfs(state, "16m"):
+        env.daemon.start(timeout=120)
+        env.seed(12)
+        ballast = ballast_file(state)
+        mark, notes = len(env.daemon.log()), len(listener.snapshot())
+        dropped = env.copy(photos()[12:24], "full_")
+
+        pause = wait_until(lambda: _paused(env), 60, "segd status to report the pause",
+                           on_timeout=env.daemon.log_tail)
+        assert pause["kind"] == "full", pause
+        assert str(state) in pause["message"] and "full" in pause["message"], pause
+        wait_until(lambda: _paused_notes(listener, notes), 30, "a STATUS= naming the pause",
+                   on_timeout=listener.describe)
+        env.daemon.wait_for_log(PAUSE_LINE, timeout=10, start=mark)
+
+        # Several probes and inbox rescans (every 1 s) later: still paused, the photos in
+        # the inbox as dropped, and the log said it once, not once per file.
+        before = _snapshot(dropped)
+        wait_until(lambda: (p := _paused(env)) and p["for_s"] >= 3 * STATE_PROBE_S, 60,
+                   "three probe intervals into the pause")
+        _untouched(before)
+        assert sorted(env.tree.inbox_files()) == sorted(dropped), env.tree.describe()
+        assert env.daemon.alive()
+        text = segd_cli(env.config, "status", timeout=60)
+        assert text.returncode == 0, text.stderr
+        assert f"PAUSED: the state folder {state} is full" in text.stdout, text.stdout
+        _refused(env, "refit", "--k", "2")
+        _refused(env, "undo")
+        since = env.daemon.log()[mark:]
+        assert len([ln for ln in since.splitlines() if "not taking files" in ln]) == 1, since
+        assert "could not be filed" not in since, since
+
+        ballast.unlink()
+        env.tree.wait_drained(24, 120, env.daemon)
+        env.daemon.wait_for_log(RESUME_LINE, timeout=10, start=mark)
+        assert _paused(env) is None
+        assert env.daemon.log()[mark:].count("takes commits again") == 1
+        # The STATUS= after the resume no longer says paused.
+        latest = listener.having("STATUS")[-1].fields["STATUS"]
+        assert not latest.startswith("PAUSED"), latest
+        env.daemon.stop(timeout=30)
+        summary = env.finish(stop=False)
+        assert summary.sorted == 24, summary.describe()
+
+
+@slow
+def test_read_only_state_folder_at_start_waits_then_starts(
+        make_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
+    """The state folder (a tmpfs, store made by a first run) remounted read-only while no
+    daemon runs. `segd run` does not exit (systemd would restart it into the same wall):
+    it logs why once, sends READY=1 with a STATUS= naming the folder, keeps pinging the
+    watchdog and leaves dropped photos in the inbox; remounted read-write, it starts by
+    itself and files them; then the invariant."""
+    env, listener = make_env({"WATCHDOG_USEC": "2000000"})
+    state = env.folders.state_dir
+    with tmpfs(state, "16m"):
+        env.daemon.start(timeout=120)
+        env.seed(12)
+        env.daemon.stop(timeout=30)
+        remount(state, "ro")
+        try:
+            notes = len(listener.snapshot())
+            env.daemon.start(wait=False)
+            ready = listener.wait_for("READY", "1", start=notes, timeout=120)
+            assert ready.fields["STATUS"].startswith(
+                f"PAUSED, the state folder {state} is read-only"), ready.fields
+            dropped = env.copy(photos()[12:18], "ro_")
+            before = _snapshot(dropped)
+            at = len(listener.snapshot())
+            # Alive and waiting: pinging through several probe intervals.
+            wait_until(lambda: len(listener.having("WATCHDOG", "1", start=at)) >= 4, 60,
+                       "watchdog pings while waiting", on_timeout=env.daemon.log_tail)
+            assert env.daemon.alive()
+            _untouched(before)
+            assert env.daemon.log().count("waiting for it before starting") == 1
+        finally:
+            remount(state, "rw")
+        env.daemon.wait_ready(timeout=120)
+        env.tree.wait_drained(18, 120, env.daemon)
+        env.daemon.stop(timeout=30)
+        summary = env.finish(stop=False)
+        assert summary.sorted == 18, summary.describe()
+
+
+# ---- the kernel turns the state filesystem read-only under the running daemon
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+@contextlib.contextmanager
+def ext4_image(path: Path, image: Path, size_mb: int = 32) -> Iterator[str]:
+    """An ext4 filesystem in `image` on a loop device mounted at `path`, with
+    `errors=remount-ro`; yields the device's name (skip where loop devices, mkfs.ext4 or
+    the ext4 fault trigger are not available)."""
+    for tool in ("losetup", "mkfs.ext4", "e2fsck"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    with open(image, "wb") as fh:
+        fh.truncate(size_mb << 20)
+    made = _run("mkfs.ext4", "-q", "-F", str(image))
+    assert made.returncode == 0, made.stderr
+    attached = _run("losetup", "--find", "--show", str(image))
+    if attached.returncode != 0:
+        pytest.skip(f"cannot attach a loop device here: {attached.stderr.strip()}")
+    device = attached.stdout.strip()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        mounted = _run("mount", "-o", "errors=remount-ro", device, str(path))
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount ext4 from a loop device: {mounted.stderr.strip()}")
+        if not Path(f"/sys/fs/ext4/{Path(device).name}/trigger_fs_error").exists():
+            _run("umount", str(path))
+            pytest.skip("this kernel has no ext4 trigger_fs_error")
+        yield Path(device).name
+    finally:
+        _run("umount", "-l", str(path))
+        _run("losetup", "-d", device)
+
+
+def _abort_ext4(device: str) -> None:
+    Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("segd test\n")
+
+
+@slow
+def test_state_filesystem_turned_read_only_under_the_daemon(
+        make_env: Callable[..., tuple[Env, NotifyListener]], tmp_path: Path) -> None:
+    """The state folder is an ext4 image on a loop device, `errors=remount-ro`. With 12
+    photos filed, the kernel aborts it (as on a disk error): it is read-only from then on,
+    and a live `remount,rw` is refused until it is checked. The daemon pauses and says so
+    (status, STATUS=), the 6 photos dropped next stay in the inbox, a refit is refused;
+    SIGTERM still stops it cleanly. After `e2fsck` and a fresh mount, a restart settles
+    what was interrupted and files them; then the invariant."""
+    env, listener = make_env()
+    state = env.folders.state_dir
+    image = tmp_path / "state.ext4"
+    with ext4_image(state, image) as device:
+        env.daemon.start(timeout=120)
+        env.seed(12)
+        mark, notes = len(env.daemon.log()), len(listener.snapshot())
+        _abort_ext4(device)
+        dropped = env.copy(photos()[12:18], "ro_")
+        pause = wait_until(lambda: _paused(env), 60, "segd status to report the pause",
+                           on_timeout=env.daemon.log_tail)
+        assert pause["kind"] in ("read-only", "failing"), pause
+        assert str(state) in pause["message"], pause
+        wait_until(lambda: _paused_notes(listener, notes), 30, "a STATUS= naming the pause",
+                   on_timeout=listener.describe)
+        before = _snapshot(dropped)
+        wait_until(lambda: (p := _paused(env)) and p["for_s"] >= 3 * STATE_PROBE_S, 60,
+                   "three probe intervals into the pause")
+        _untouched(before)
+        _refused(env, "refit", "--k", "2")
+        env.daemon.stop(timeout=60)
+        since = env.daemon.log()[mark:]
+        assert len([ln for ln in since.splitlines() if "not taking files" in ln]) == 1, since
+
+        # The administrator's repair: unmount, check, mount again.
+        done = _run("umount", str(state))
+        assert done.returncode == 0, done.stderr
+        fsck = _run("e2fsck", "-fy", f"/dev/{device}")
+        assert fsck.returncode in (0, 1, 2), fsck.stdout + fsck.stderr
+        done = _run("mount", "-o", "errors=remount-ro", f"/dev/{device}", str(state))
+        assert done.returncode == 0, done.stderr
+        env.daemon.start(timeout=120)
+        env.tree.wait_drained(18, 120, env.daemon)
+        env.daemon.stop(timeout=30)
+        summary = env.finish(stop=False)
+        assert summary.sorted == 18, summary.describe()
+        assert os.stat(state).st_dev != os.stat(env.tree.inbox).st_dev
