@@ -94,7 +94,9 @@ def test_sort_decodes_its_first_image_before_the_clustering_stack_loads(
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "segd", "sort", str(src),
                            str(tmp_path / "dest"), "--no-progress", "-v", "--k", "2"],
                           cwd=tmp_path, env=dict(os.environ, SEGD_CONFIG=str(config),
-                                                 OMP_NUM_THREADS="1"),
+                                                 OMP_NUM_THREADS="1",
+                                                 # Its own cache: a hit decodes nothing.
+                                                 XDG_CACHE_HOME=str(tmp_path / "xdg")),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.splitlines()

@@ -21,12 +21,14 @@ import numpy as np
 import pytest
 import yaml
 
+from segd.batch import sort as sort_mod
 from segd.batch.known import ModelFile, ReuseOptions, onnx_metadata
 from segd.batch.sort import SortOptions, SortResult, run_sort
 from segd.config import ModelConfig
 from segd.core.cluster import FitParams
 from segd.media.decode import DecodeOptions, decode_file
 from segd.media.embed import Embedder
+from segd.state import cache as cache_mod
 from segd.state.cache import CacheKey, EmbeddingCache
 from segd.state.lock import acquire_state_lock
 from segd.state.store import open_store
@@ -88,6 +90,38 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture
+def settled_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """File hashes under the stat of files just written (the photos are copied moments
+    before each test; by default a file must be older than cache.SETTLED_NS)."""
+    monkeypatch.setattr(cache_mod, "SETTLED_NS", 0)
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every file the lookup phase reads and hashes."""
+    seen: list[Path] = []
+    real = sort_mod.hash_file
+
+    def counting(path: Path, limit: int) -> object:
+        seen.append(path)
+        return real(path, limit)
+
+    monkeypatch.setattr(sort_mod, "hash_file", counting)
+    return seen
+
+
+def never_built() -> Embedder:
+    raise AssertionError("the network was loaded, though every vector was known")
+
+
+def same_size_with(jpeg: bytes, size: int, text: bytes) -> bytes:
+    """`jpeg` with a comment padded so the file is exactly `size` bytes."""
+    pad = size - len(jpeg) - 4 - len(text)
+    assert pad >= 0
+    return with_comment(jpeg, text + b" " * pad)
+
+
 # --------------------------------------------------------------------------- the cache
 
 
@@ -111,6 +145,85 @@ def test_a_rerun_with_another_k_embeds_nothing_and_sorts_as_a_fresh_run(
     third = sort(src, tmp_path / "d3", factory, cache=cache, k=4, key=key_of(embedder))
     assert third.cached == N
     assert manifest(tmp_path / "d3") == manifest(tmp_path / "d1")
+
+
+def test_a_rerun_reads_no_file_and_sorts_exactly_as_an_uncached_run(
+        src: Path, tmp_path: Path, embedder: Embedder, settled_now: None,
+        reads: list[Path]) -> None:
+    cache = tmp_path / "cache" / "embeddings.sqlite"
+    first = sort(src, tmp_path / "d1", embedder, cache=cache, k=3)
+    assert (first.embedded, len(reads)) == (N, N)
+    reads.clear()
+    again = sort(src, tmp_path / "d2", never_built, cache=cache, k=3, key=key_of(embedder))
+    assert reads == []  # every hash came from the stat index
+    assert (again.embedded, again.cached, again.placed) == (0, N, N)
+    uncached = sort(src, tmp_path / "d3", embedder, k=3)
+    assert uncached.cached == 0
+    assert manifest(tmp_path / "d2") == manifest(tmp_path / "d3")
+
+
+def test_a_file_rewritten_with_its_size_and_mtime_kept_is_read_again_not_given_a_stale_vector(
+        src: Path, tmp_path: Path, embedder: Embedder, settled_now: None,
+        reads: list[Path]) -> None:
+    cache = tmp_path / "cache" / "embeddings.sqlite"
+    by_size = sorted(src.iterdir(), key=lambda f: f.stat().st_size)
+    # Both get the smallest photo's pixels, padded to their own size: a stale vector shows.
+    in_place, replaced, pixels = by_size[-2], by_size[-1], by_size[0].read_bytes()
+    stale = fresh_vectors(embedder, [in_place, replaced])
+    sort(src, tmp_path / "d1", embedder, cache=cache)
+    # In place: the same inode, size and mtime; only the ctime tells.
+    before = in_place.stat()
+    in_place.write_bytes(same_size_with(pixels, before.st_size, b"in place"))
+    os.utime(in_place, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = in_place.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == \
+        (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert after.st_ctime_ns != before.st_ctime_ns
+    # Replaced by rename: the same size and mtime under a new inode.
+    old = replaced.stat()
+    swap = src / ".swap"
+    swap.write_bytes(same_size_with(pixels, old.st_size, b"moved in"))
+    os.utime(swap, ns=(old.st_atime_ns, old.st_mtime_ns))
+    os.replace(swap, replaced)
+    new = replaced.stat()
+    assert (new.st_size, new.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    assert new.st_ino != old.st_ino
+    reads.clear()
+
+    again = sort(src, tmp_path / "d2", embedder, cache=cache)
+    assert sorted(p.name for p in reads) == sorted([in_place.name, replaced.name])
+    assert (again.embedded, again.cached) == (2, N - 2)
+    with EmbeddingCache.open(cache) as c:
+        got = c.get_many(key_of(embedder).digest, [sha(in_place), sha(replaced)])
+    fresh = fresh_vectors(embedder, [in_place, replaced])
+    assert float(np.max(np.sum(fresh * stale, axis=1))) < 0.99  # other pixels, other vectors
+    assert got[sha(in_place)].tobytes() == fresh[0].tobytes()
+    assert got[sha(replaced)].tobytes() == fresh[1].tobytes()
+    assert manifest(tmp_path / "d2") == manifest(sort_to(src, tmp_path / "d3", embedder))
+    reads.clear()
+    assert sort(src, tmp_path / "d4", embedder, cache=cache).cached == N
+    assert reads == []  # filed again under their new stat
+
+
+def test_a_damaged_cache_is_set_aside_and_the_sort_rebuilds_it(
+        src: Path, tmp_path: Path, embedder: Embedder, settled_now: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    cache = tmp_path / "cache" / "embeddings.sqlite"
+    sort(src, tmp_path / "d1", embedder, cache=cache)
+    cache.write_bytes(os.urandom(cache.stat().st_size))
+    with caplog.at_level(logging.WARNING, logger="segd.state.cache"):
+        rebuilt = sort(src, tmp_path / "d2", embedder, cache=cache)
+    assert "damaged" in caplog.text
+    assert (rebuilt.embedded, rebuilt.cached) == (N, 0)
+    assert (cache.parent / "embeddings.sqlite.corrupt").exists()
+    assert manifest(tmp_path / "d2") == manifest(tmp_path / "d1")
+    assert sort(src, tmp_path / "d3", never_built, cache=cache, key=key_of(embedder)).cached == N
+
+
+def sort_to(src: Path, dest: Path, embedder: Embedder) -> Path:
+    """An uncached sort of src into dest, for comparison."""
+    sort(src, dest, embedder)
+    return dest
 
 
 def test_cached_vectors_are_the_networks_bit_for_bit(
@@ -255,22 +368,33 @@ def test_a_store_of_another_model_or_an_unreadable_one_is_skipped(
 # --------------------------------------------------------------------------- the command line
 
 
-def segd_sort(tmp: Path, src: Path, dest: Path, *args: str) -> subprocess.Popen[str]:
+# `segd` with hashes filed under the stat of files just written (see `settled_now`).
+SEGD_SETTLED_NOW = ("import sys, segd.state.cache as c; c.SETTLED_NS = 0; "
+                    "from segd.cli import main; sys.exit(main())")
+
+
+def segd_sort(tmp: Path, src: Path, dest: Path, *args: str,
+              settled_now: bool = False) -> subprocess.Popen[str]:
     config = tmp / "segd-config.yaml"
     if not config.exists():
         config.write_text(yaml.safe_dump({"model": {"gpu": "off"},
                                           "state_dir": str(tmp / "state")}))
     env = dict(os.environ, SEGD_CONFIG=str(config), XDG_CACHE_HOME=str(tmp / "xdg"),
                OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "segd", "sort", str(src), str(dest),
+    segd = ["-c", SEGD_SETTLED_NOW] if settled_now else ["-m", "segd"]
+    return subprocess.Popen([sys.executable, *segd, "sort", str(src), str(dest),
                              "--no-progress", "--k", "3", *args], cwd=tmp, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen[str]) -> str:
+    return finish_both(proc)[0]
+
+
+def finish_both(proc: subprocess.Popen[str]) -> tuple[str, str]:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, f"segd sort failed:\n{out}\n{err}"
-    return out
+    return out, err
 
 
 def test_no_cache_creates_no_cache_file(src: Path, tmp_path: Path) -> None:
@@ -294,3 +418,14 @@ def test_two_sorts_at_once_share_the_cache_then_a_third_hits_everything(
     assert f"{N} embeddings from the cache" in out
     assert "images/s embedded" not in out
     assert manifest(tmp_path / "d3").keys() == manifest(tmp_path / "d1").keys()
+
+
+def test_two_sorts_of_one_folder_at_once_share_the_stat_index_then_a_third_reads_nothing(
+        src: Path, tmp_path: Path) -> None:
+    procs = [segd_sort(tmp_path, src, tmp_path / d, settled_now=True) for d in ("d1", "d2")]
+    for proc in procs:
+        finish(proc)
+    out, err = finish_both(segd_sort(tmp_path, src, tmp_path / "d3", "-v", settled_now=True))
+    assert f"{N} embeddings from the cache" in out
+    assert f"{N} files known by their stat, 0 read and hashed" in err
+    assert manifest(tmp_path / "d3") == manifest(tmp_path / "d1") == manifest(tmp_path / "d2")

@@ -1,7 +1,9 @@
-"""The embedding cache on real SQLite files: round trips, damage, the bound, two processes."""
+"""The embedding cache on real SQLite files: round trips, damage, the bound, two processes,
+the stat index."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from segd.state import cache as cache_mod
-from segd.state.cache import CacheKey, EmbeddingCache, default_cache_path
+from segd.state.cache import CacheKey, EmbeddingCache, FileStat, HashedFile, default_cache_path
 
 DIM = 1280
 KEY = CacheKey(model_sha256="a" * 64, input_size=None, resize="crop", mirror=False,
@@ -253,3 +255,71 @@ def test_two_processes_writing_at_once_share_it_safely(path: Path, tmp_path: Pat
         got = c.get_many("k", [sha(i) for i in range(300)])
     assert len(got) > 200
     assert all(v.tobytes() == vector(s).tobytes() for s, v in got.items())
+
+
+# --------------------------------------------------------------------------- the stat index
+
+NOW_NS = 1_700_000_000 * 10**9
+STAT = FileStat(size=12345, mtime_ns=NOW_NS - 10**10, ctime_ns=NOW_NS - 10**10,
+                inode=2**63 + 7, device=2**64 - 3)  # unsigned 64-bit values SQLite has not
+
+
+def hashed(path: bytes, st: FileStat, i: int, read_ns: int = NOW_NS) -> HashedFile:
+    return HashedFile(path, st, sha(i), read_ns)
+
+
+def test_the_stat_index_gives_a_hash_only_for_the_very_stat_it_was_filed_under(
+        path: Path) -> None:
+    with EmbeddingCache.open(path) as c:
+        c.remember_hashes([hashed(b"/p/a.jpg", STAT, 1), hashed(b"/p/b.jpg", STAT, 2)])
+        assert c.known_hashes([(b"/p/a.jpg", STAT), (b"/p/b.jpg", STAT),
+                               (b"/p/c.jpg", STAT)]) == {b"/p/a.jpg": sha(1), b"/p/b.jpg": sha(2)}
+        for field in ("size", "mtime_ns", "ctime_ns", "inode", "device"):
+            changed = dataclasses.replace(STAT, **{field: getattr(STAT, field) + 1})
+            assert c.known_hashes([(b"/p/a.jpg", changed)]) == {}, field
+        # Hashed again under a new stat: the old one no longer answers.
+        newer = dataclasses.replace(STAT, ctime_ns=STAT.ctime_ns + 1)
+        c.remember_hashes([hashed(b"/p/a.jpg", newer, 3)])
+        assert c.known_hashes([(b"/p/a.jpg", STAT)]) == {}
+        assert c.known_hashes([(b"/p/a.jpg", newer)]) == {b"/p/a.jpg": sha(3)}
+        assert c.stats.indexed == 3
+
+
+def test_a_hash_read_within_the_settling_time_of_the_files_ctime_is_not_filed(
+        path: Path) -> None:
+    """A change in the same timestamp tick as the stat keeps every field: such a hash would
+    hide it, so it is not kept (the file is read again next time)."""
+    fresh = dataclasses.replace(STAT, ctime_ns=NOW_NS - cache_mod.SETTLED_NS + 1)
+    settled_one = dataclasses.replace(STAT, ctime_ns=NOW_NS - cache_mod.SETTLED_NS)
+    assert not cache_mod.settled(fresh, NOW_NS)
+    assert cache_mod.settled(settled_one, NOW_NS)
+    with EmbeddingCache.open(path) as c:
+        c.remember_hashes([hashed(b"/p/new.jpg", fresh, 1), hashed(b"/p/old.jpg", settled_one, 2)])
+        assert c.known_hashes([(b"/p/new.jpg", fresh), (b"/p/old.jpg", settled_one)]) == \
+            {b"/p/old.jpg": sha(2)}
+
+
+def test_a_cache_made_before_the_index_gets_one_and_keeps_its_vectors(path: Path) -> None:
+    with EmbeddingCache.open(path) as c:
+        c.put_many(KEY, items(range(3)))
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE files")  # as an older segd made it
+    conn.close()
+    with EmbeddingCache.open(path) as c:
+        assert c.enabled and c.stats.set_aside == 0
+        assert len(c.get_many(KEY, [sha(i) for i in range(3)])) == 3
+        c.remember_hashes([hashed(b"/p/a.jpg", STAT, 1)])
+        assert c.known_hashes([(b"/p/a.jpg", STAT)]) == {b"/p/a.jpg": sha(1)}
+
+
+def test_the_stat_index_shrinks_with_the_cache(path: Path) -> None:
+    bound = 400 * 1024
+    with EmbeddingCache.open(path, max_bytes=bound) as c:
+        for start in range(0, 400, 40):
+            c.remember_hashes([hashed(f"/p/{i}.jpg".encode(), STAT, i, NOW_NS + i)
+                               for i in range(start, start + 40)])
+            c.put_many(KEY, items(range(start, start + 40)))
+            assert c.live_bytes() <= bound
+        known = c.known_hashes([(f"/p/{i}.jpg".encode(), STAT) for i in range(400)])
+    assert 0 < len(known) < 400
+    assert b"/p/0.jpg" not in known and b"/p/399.jpg" in known  # the oldest go first

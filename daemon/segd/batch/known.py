@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,14 @@ from segd.media.embed import ModelSpec, default_model_path, import_onnxruntime, 
 from segd.media.headers import probe_size
 from segd.media.providers import choose_providers, on_gpu
 from segd.media.reader import read_regular_file
-from segd.state.cache import DEFAULT_MAX_BYTES, CacheKey, EmbeddingCache
+from segd.state.cache import (
+    DEFAULT_MAX_BYTES,
+    CacheKey,
+    EmbeddingCache,
+    FileStat,
+    HashedFile,
+    index_path,
+)
 
 if TYPE_CHECKING:
     from segd.state.store import Store
@@ -150,14 +158,16 @@ def store_identity(key: CacheKey) -> str:
     return key.model_sha256 + ("+mirror" if key.mirror else "")
 
 
-def file_sha256(path: Path, limit: int) -> str | None:
-    """The sha256 of a regular file's bytes; None when it cannot be read (decoding then
-    reports why)."""
+def hash_file(path: Path, limit: int) -> HashedFile | None:
+    """The sha256 of a regular file's bytes and the stat they were read under; None when it
+    cannot be read (decoding then reports why)."""
+    started = time.time_ns()  # before the stat: see cache.settled
     try:
-        data, _ = read_regular_file(path, limit)
+        data, st = read_regular_file(path, limit)
     except ImageError:
         return None
-    return hashlib.sha256(data).hexdigest()
+    return HashedFile(index_path(path), FileStat.of(st), hashlib.sha256(data).hexdigest(),
+                      started)
 
 
 class StoreReader:

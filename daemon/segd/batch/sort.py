@@ -3,8 +3,9 @@
 Streams: embeddings go to a temporary file as they are found or computed, and the clustering
 reads them back in chunks, so memory stays flat however many images SRC holds.
 
-Found before computed: each file's sha256 is looked up in the embedding cache, then in the
-daemon's store (`known`); only the rest is decoded and embedded, and those vectors go into the
+Found before computed: each file's sha256 (from the cache's stat index when the file's stat is
+unchanged, else read and hashed) is looked up in the embedding cache, then in the daemon's
+store (`known`); only the rest is decoded and embedded, and those vectors go into the
 cache. Rows keep the order of the files whatever their source, so a cached run clusters
 exactly as a fresh one.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import heapq
 import importlib
@@ -38,7 +40,7 @@ import numpy as np
 from segd.batch.known import (
     ReuseOptions,
     StoreReader,
-    file_sha256,
+    hash_file,
     open_cache,
     verify_store,
 )
@@ -48,7 +50,7 @@ from segd.core.pipeline import embed_stream
 from segd.media.decode import DecodeOptions, decode_bytes, read_image_file
 from segd.media.embed import Embedder, cpu_count
 from segd.state import fsops
-from segd.state.cache import CacheKey, EmbeddingCache
+from segd.state.cache import CacheKey, EmbeddingCache, FileStat, index_path
 from segd.views.progress import Progress
 
 if TYPE_CHECKING:
@@ -60,6 +62,9 @@ MANIFEST = "manifest.csv"
 SAMPLES_PER_FOLDER = 8
 READ_CHUNK_ROWS = 8192
 CLUSTER_MODULE = "segd.core.cluster"
+# Threads placing files, each a folder at a time: the filesystem's creates in two folders
+# overlap (949 copies on ext4: 0.36 s one at a time, 0.26 s with two, no better with four).
+PLACERS = 2
 # Files hashed and looked up at a time: small at first, so the first image is decoded at
 # once, then larger, so the lookups stay few.
 FIRST_CHUNK, LAST_CHUNK = 8, 512
@@ -136,8 +141,9 @@ def run_sort(opts: SortOptions, embedder: Embedder | Callable[[], Embedder],
         job.run()
         embed_seconds = time.perf_counter() - started
         log.debug("embeddings ready %.3f s after the sort started: %d embedded, %d from the "
-                  "cache, %d from the daemon's store", embed_seconds, job.embedded, job.cached,
-                  job.from_store)
+                  "cache, %d from the daemon's store; %d files known by their stat, %d read "
+                  "and hashed", embed_seconds, job.embedded, job.cached, job.from_store,
+                  job.by_stat, job.hashed)
         n = int(job.ok.sum())
         readable = [files[i] for i in np.flatnonzero(job.ok)]
         fit_result: FitResult | None = None
@@ -147,9 +153,13 @@ def run_sort(opts: SortOptions, embedder: Embedder | Callable[[], Embedder],
             job.wait_for_clustering()
             from segd.core.cluster import FitParams, fit_stream
 
+            log.debug("clustering stack loaded %.3f s after the sort started",
+                      time.perf_counter() - started)
             params = opts.fit() if callable(opts.fit) else opts.fit or FitParams()
             fit_result = fit_stream(job.rows.readable_chunks(job.ok), n, params)
             labels, distances = fit_result.labels, fit_result.distances
+            log.debug("fit done %.3f s after the sort started (k = %d)",
+                      time.perf_counter() - started, fit_result.k)
         job.rows.close()
         unreadable = job.unreadable
 
@@ -163,6 +173,8 @@ def run_sort(opts: SortOptions, embedder: Embedder | Callable[[], Embedder],
 
     samples: dict[str, list[tuple[float, int, Path]]] = {f: [] for f in folders}
     placed = _place_all(opts, readable, labels, distances, folders, unreadable, samples)
+    log.debug("%d files placed and synced %.3f s after the sort started", placed,
+              time.perf_counter() - started)
     sizes = {folders[c]: int(counts[c]) for c in order}
     return SortResult(fit=fit_result, folders=folders, sizes=sizes, unreadable=unreadable,
                       placed=placed, seconds=time.perf_counter() - started,
@@ -183,14 +195,20 @@ class _Rows:
         self.matrix: np.memmap | None = None
 
     def write(self, index: int, vector: np.ndarray) -> None:
-        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        self.write_many([index], [vector])
+
+    def write_many(self, indices: Sequence[int], vectors: Sequence[np.ndarray]) -> None:
+        if not indices:
+            return
+        dims = {np.size(v) for v in vectors}
         if self.matrix is None:
             self.matrix = np.memmap(self.path, dtype="<f4", mode="w+",
-                                    shape=(self.count, len(vector)))
-        if len(vector) != self.matrix.shape[1]:
-            raise SegdError(f"an embedding of {len(vector)} values among ones of "
+                                    shape=(self.count, max(dims)))
+        if dims != {self.matrix.shape[1]}:
+            raise SegdError(f"an embedding of {sorted(dims)} values among ones of "
                             f"{self.matrix.shape[1]}: the cache or the store is inconsistent")
-        self.matrix[index] = vector
+        self.matrix[np.asarray(indices)] = np.stack(
+            [np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors])
 
     def readable_chunks(self, ok: np.ndarray) -> Callable[[], Iterator[np.ndarray]]:
         """The fit's chunk source: the rows of readable files, in file order."""
@@ -229,6 +247,7 @@ class _Embedding:
         self.rows = _Rows(tmp / "embeddings.f32", len(files))
         self.unreadable: list[tuple[Path, ImageError]] = []
         self.embedded = self.cached = self.from_store = 0
+        self.by_stat = self.hashed = 0  # files whose sha256 the stat index gave, or reading
         self.device: str | None = None
         self.workers = opts.workers or cpu_count()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="segd-load")
@@ -309,7 +328,7 @@ class _Embedding:
     def _load_clustering(self) -> None:
         with self._clustering_lock:
             if self._clustering is None:
-                self._clustering = self._loader.submit(importlib.import_module, CLUSTER_MODULE)
+                self._clustering = self._loader.submit(_import_clustering)
 
     # ---- the files the network must see
 
@@ -320,25 +339,49 @@ class _Embedding:
             yield from range(len(self.files))
             return
         assert self.progress is not None
-        limit = self.opts.decode.max_file_bytes
         with ThreadPoolExecutor(self.workers, thread_name_prefix="segd-hash") as pool:
             for lo, hi in _chunks(len(self.files)):
-                shas = list(pool.map(lambda p: file_sha256(p, limit), self.files[lo:hi]))
-                found = self._lookup(dict(zip(range(lo, hi), shas, strict=True)))
-                for index, sha in enumerate(shas, start=lo):
-                    vector = found.get(sha) if sha is not None else None
-                    if vector is None:
+                found = self._lookup(self._shas_of(pool, lo, hi))
+                hits = list(found)
+                if len(hits) == hi - lo:
+                    self._load_clustering()  # no decoding to start first
+                self.rows.write_many(hits, [found[i] for i in hits])
+                self.ok[hits] = True
+                for index in range(lo, hi):
+                    if index not in found:
                         self._start_network()
                         yield index
-                    else:
-                        self.rows.write(index, vector)
-                        self.ok[index] = True
                 if found:
                     self.progress.advance(len(found))
-                if len(found) == hi - lo:
-                    self._load_clustering()  # no decoding to start first
 
-    def _lookup(self, shas: dict[int, str | None]) -> dict[str, np.ndarray]:
+    def _shas_of(self, pool: ThreadPoolExecutor, lo: int, hi: int) -> dict[int, str | None]:
+        """The sha256 of files lo..hi-1 (None: unreadable): from the stat index where the
+        file's stat is the one its hash was filed under, else read and hashed (and filed)."""
+        shas: dict[int, str | None] = {}
+        stats: dict[int, FileStat] = {}
+        if self.cache is not None:
+            for index in range(lo, hi):
+                with contextlib.suppress(OSError):  # hashing below reports nothing either
+                    stats[index] = FileStat.of(os.stat(self.files[index]))
+            keys = {index: index_path(self.files[index]) for index in stats}
+            known = self.cache.known_hashes([(keys[i], st) for i, st in stats.items()])
+            shas = {i: known[keys[i]] for i in stats if keys[i] in known}
+        todo = [index for index in range(lo, hi) if index not in shas]
+        self.by_stat += len(shas)
+        self.hashed += len(todo)
+        limit = self.opts.decode.max_file_bytes
+        hashed = list(pool.map(lambda i: hash_file(self.files[i], limit), todo))
+        shas.update((i, h.sha256 if h else None) for i, h in zip(todo, hashed, strict=True))
+        if self.cache is not None:
+            self.cache.remember_hashes([h for h in hashed if h is not None])
+        return shas
+
+    def _lookup(self, shas: dict[int, str | None]) -> dict[int, np.ndarray]:
+        """The known vectors of one chunk's files (index -> sha256), by file index."""
+        by_sha = self._lookup_shas(shas)
+        return {i: by_sha[sha] for i, sha in shas.items() if sha is not None and sha in by_sha}
+
+    def _lookup_shas(self, shas: dict[int, str | None]) -> dict[str, np.ndarray]:
         """The known vectors of one chunk's files (index -> sha256), by sha256."""
         assert self.key is not None
         wanted = [s for s in shas.values() if s is not None]
@@ -423,6 +466,24 @@ class _Embedding:
         return embedder.embed(images)
 
 
+def _import_clustering() -> object:
+    """Import the clustering stack, then, once per process, move every object alive to the
+    collector's permanent generation (gc.freeze): the stack's modules live until exit, and
+    unfrozen every later collection and the interpreter's exit walk them again (0.4-0.5 s
+    at exit on a 2-core machine, docs/benchmarks.md)."""
+    global _frozen
+    module = importlib.import_module(CLUSTER_MODULE)
+    with _freeze_lock:
+        if not _frozen:
+            gc.freeze()
+            _frozen = True
+    return module
+
+
+_frozen = False
+_freeze_lock = threading.Lock()
+
+
 def _key_of(embedder: Embedder, opts: SortOptions) -> CacheKey:
     """The cache key of an embedder built by the caller (no config at hand)."""
     size = None if embedder.input_size == embedder.spec.input_size else embedder.input_size
@@ -449,14 +510,33 @@ def _place_all(opts: SortOptions, readable: list[Path], labels: np.ndarray,
     # Copies leave the sources in place, so they are synced once at the end rather than
     # file by file; moves are synced one by one, as the source disappears.
     place = fsops.place_move if opts.move else functools.partial(fsops.place_copy, sync=False)
+    outcomes: list[Path | OSError] = [Path()] * len(readable)
+
+    def place_folder(members: list[int]) -> None:
+        # One folder's files in file order, so a name two files share gets the same free
+        # name ("x (1).jpg") whichever folder finishes first.
+        for i in members:
+            path = readable[i]
+            try:
+                outcomes[i] = place(path, opts.dest / folders[labels[i]], path.name,
+                                    tag=f"{os.getpid()}-{i}")
+            except OSError as exc:
+                outcomes[i] = exc
+
+    by_folder: dict[int, list[int]] = {}
+    for i, label in enumerate(labels.tolist()):
+        by_folder.setdefault(label, []).append(i)
+    with ThreadPoolExecutor(PLACERS, thread_name_prefix="segd-place") as pool:
+        for done in [pool.submit(place_folder, m) for m in by_folder.values()]:
+            done.result()
+
     rows: list[list[object]] = []
     placed = 0
     for i, (path, label) in enumerate(zip(readable, labels, strict=True)):
-        try:
-            final = place(path, opts.dest / folders[label], path.name, tag=f"{os.getpid()}-{i}")
-        except OSError as exc:
+        final = outcomes[i]
+        if isinstance(final, OSError):
             # Readable a moment ago (it vanished, or DEST is full): report it, keep going.
-            unreadable.append((path, ImageError(path, f"could not be placed: {exc}")))
+            unreadable.append((path, ImageError(path, f"could not be placed: {final}")))
             continue
         placed += 1
         rows.append([path, final, folders[label], f"{distances[i]:.4f}", ""])

@@ -15,6 +15,13 @@ Never a wrong vector:
   warning. Any other failure (disk full, read-only, unwritable folder) turns the cache off
   for the run, with a warning; a busy timeout skips that one read or write. The sort goes on.
 
+Not read twice: a ``files`` table maps a file's path and stat (size, mtime_ns, ctime_ns, inode,
+device) to the sha256 its bytes had, so a re-run stats each file instead of reading and hashing
+it. Any stat change means a re-hash. A hash is filed only if the file's ctime lay at least
+``SETTLED_NS`` before its bytes were read: a change within the same timestamp tick as the
+recorded ctime would otherwise keep every field (mtime put back by hand, same size) and hide.
+The vectors stay keyed by content hash; the index only saves finding that hash again.
+
 Bounded: the file's live pages stay under ``max_bytes``; past it the least recently used
 rows are evicted (their pages are reused, so the file stops growing). Using a row touches a
 small ``entries`` row only: vectors sit in their own table, so a hit never rewrites 5 KB.
@@ -44,12 +51,15 @@ T = TypeVar("T")
 
 CACHE_FILE: Final = "embeddings.sqlite"
 DEFAULT_MAX_BYTES: Final = 2 * 1024**3
-FORMAT: Final = 1  # PRAGMA user_version of the layout below
+FORMAT: Final = 1  # PRAGMA user_version of the layout below (tables added since: _ADDED)
 APPLICATION_ID: Final = 0x73656763  # "segc": marks the file as this cache
 BUSY_TIMEOUT_S: Final = 10.0
 # Evict down to this fraction of max_bytes, so one eviction serves many writes.
 EVICT_TO: Final = 0.9
 _IN_CHUNK: Final = 500  # sha256 values per SELECT ... IN (...)
+# How long before its bytes were read a file's ctime must lie for its hash to be filed under
+# its stat: beyond the coarsest timestamp tick (2 s, FAT) and the kernel's coarse clock.
+SETTLED_NS = 2_000_000_000
 _VEC_DTYPE: Final = np.dtype("<f4")  # on-disk byte order is fixed, whatever the host's
 
 # sqlite3 primary result codes (exc.sqlite_errorcode & 0xFF).
@@ -71,6 +81,23 @@ _SCHEMA: Final = (
            crc    INTEGER NOT NULL
        )""",
 )
+# Added to format 1 later, created on open where missing: a segd that predates them ignores
+# them, and nothing they hold can make a vector wrong.
+_ADDED: Final = {
+    "files": (
+        """CREATE TABLE files (
+               path      BLOB PRIMARY KEY,
+               size      INTEGER NOT NULL,
+               mtime_ns  INTEGER NOT NULL,
+               ctime_ns  INTEGER NOT NULL,
+               inode     INTEGER NOT NULL,
+               device    INTEGER NOT NULL,
+               sha256    BLOB NOT NULL,
+               hashed_at REAL NOT NULL
+           )""",
+        "CREATE INDEX files_hashed ON files(hashed_at)",
+    ),
+}
 
 
 def default_cache_path() -> Path:
@@ -98,10 +125,53 @@ class CacheKey:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class FileStat:
+    """What the stat index compares: any change and the file is hashed again."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStat:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+    def row(self) -> tuple[int, int, int, int, int]:
+        """As SQLite stores it: inode and device are unsigned 64-bit, SQLite's are signed."""
+        return (self.size, self.mtime_ns, self.ctime_ns, _signed(self.inode),
+                _signed(self.device))
+
+
+@dataclass(frozen=True)
+class HashedFile:
+    """A file's sha256, the stat its bytes were read under, and when the reading began
+    (time.time_ns(), taken before the stat)."""
+
+    path: bytes  # os.fsencode of the absolute path
+    stat: FileStat
+    sha256: str
+    read_started_ns: int
+
+
+def settled(stat: FileStat, read_started_ns: int) -> bool:
+    """Whether a hash may be filed under `stat`: its ctime lies far enough before the read
+    that any later change to the file gets another ctime."""
+    return stat.ctime_ns + SETTLED_NS <= read_started_ns
+
+
+def index_path(path: str | os.PathLike[str]) -> bytes:
+    """The stat index's key of a path: absolute, as bytes (any file name can be stored)."""
+    return os.fsencode(os.path.abspath(path))
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
     written: int = 0
+    indexed: int = 0  # sha256 values found by stat, the file not read
     rejected: int = 0  # rows that failed their checksum
     evicted: int = 0
     set_aside: int = 0
@@ -222,6 +292,46 @@ class EmbeddingCache:
         except CacheUnavailable:
             pass
 
+    def known_hashes(self, files: Sequence[tuple[bytes, FileStat]]) -> dict[bytes, str]:
+        """The sha256 (hex) of each (index_path, stat) whose stat is the one its hash was
+        filed under."""
+        found: dict[bytes, str] = {}
+        if not self.enabled or not files:
+            return found
+        wanted = dict(files)
+        try:
+            conn = self._connection()
+            for part in _chunks(list(wanted), _IN_CHUNK):
+                rows = conn.execute(
+                    "SELECT path, size, mtime_ns, ctime_ns, inode, device, sha256 FROM files "
+                    f"WHERE path IN ({','.join('?' * len(part))})", part).fetchall()
+                for path, *recorded, sha in rows:
+                    if tuple(recorded) == wanted[path].row():
+                        found[path] = sha.hex()
+        except sqlite3.Error as exc:
+            self._failed(exc, "read")
+        except CacheUnavailable:
+            pass
+        self.stats.indexed += len(found)
+        return found
+
+    def remember_hashes(self, files: Sequence[HashedFile]) -> None:
+        """File each sha256 under its path and stat, where the read was `settled`."""
+        rows = [(f.path, *f.stat.row(), bytes.fromhex(f.sha256), f.read_started_ns / 1e9)
+                for f in files if settled(f.stat, f.read_started_ns)]
+        if not self.enabled or not rows:
+            return
+        try:
+            conn = self._connection()
+            with _Transaction(conn):
+                conn.executemany("INSERT OR REPLACE INTO files(path, size, mtime_ns, ctime_ns, "
+                                 "inode, device, sha256, hashed_at) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.Error as exc:
+            self._failed(exc, "write")
+        except CacheUnavailable:
+            pass
+
     def live_bytes(self) -> int:
         """Bytes of the file in use (pages not on the free list)."""
         conn = self._connection()
@@ -240,10 +350,14 @@ class EmbeddingCache:
                 return
             per_row = live / rows
             n = max(1, int((live - EVICT_TO * self.max_bytes) / per_row) + 1)
+            files = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
             with _Transaction(conn):
                 ids = [r[0] for r in conn.execute(
                     "SELECT id FROM entries ORDER BY used_at, id LIMIT ?", (n,))]
                 _delete(conn, ids)
+                # The stat index shrinks in the same proportion, oldest hashes first.
+                conn.execute("DELETE FROM files WHERE rowid IN (SELECT rowid FROM files "
+                             "ORDER BY hashed_at LIMIT ?)", (files * n // rows + 1,))
             self.stats.evicted += len(ids)
             log.debug("embedding cache %s: evicted %d least recently used rows", self.path,
                       len(ids))
@@ -363,6 +477,7 @@ def _check_or_create(conn: sqlite3.Connection) -> None:
         app = conn.execute("PRAGMA application_id").fetchone()[0]
         if app != APPLICATION_ID:
             raise _Damaged("an SQLite file that is not a segd embedding cache")
+        _add_missing_tables(conn)
         return
     if version > FORMAT:
         # Written by a newer segd: leave it to that one.
@@ -375,9 +490,27 @@ def _check_or_create(conn: sqlite3.Connection) -> None:
         if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None:
             raise _Damaged("an SQLite file that is not a segd embedding cache")
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        for sql in _SCHEMA:
+        for sql in (*_SCHEMA, *(sql for added in _ADDED.values() for sql in added)):
             conn.execute(sql)
         conn.execute(f"PRAGMA user_version = {FORMAT}")
+
+
+def _add_missing_tables(conn: sqlite3.Connection) -> None:
+    """Create the tables of `_ADDED` a file made by an older segd lacks."""
+    def missing() -> list[str]:
+        have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return [name for name in _ADDED if name not in have]
+
+    if not missing():
+        return
+    with _Transaction(conn):
+        for name in missing():  # again under the write lock: another sort may have added it
+            for sql in _ADDED[name]:
+                conn.execute(sql)
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _crc(model: bytes, sha: bytes, blob: bytes) -> int:
