@@ -375,3 +375,50 @@ def test_real_photos_with_k_five(photo_embeddings: tuple[np.ndarray, list[str]])
     result = fit(x, FitParams(k=5))
     assert result.k == 5
     assert adjusted_rand_score(classes, result.labels) >= 0.55
+
+
+# ---- above LARGE_FIT_ABOVE: decided on a sample, applied in one pass
+
+
+@pytest.mark.parametrize("with_take", [True, False])
+def test_a_large_fit_reads_the_rows_once_and_matches_the_in_memory_fit(
+        monkeypatch: pytest.MonkeyPatch, with_take: bool) -> None:
+    monkeypatch.setattr(cluster, "LARGE_FIT_ABOVE", 300)
+    monkeypatch.setattr(cluster, "FIT_SAMPLE", 200)
+    x, labels, _ = blobs(4, 100, noise=1.5, seed=12, dim=SMALL)
+    params = FitParams(k_max=6, pca_dims=8)
+    whole = fit(x, params)
+    passes: list[int] = []
+    taken: list[np.ndarray] = []
+
+    def source() -> Iterator[np.ndarray]:
+        passes.append(1)
+        return chunked(x, 7)
+
+    def take(rows: np.ndarray) -> np.ndarray:
+        taken.append(rows)
+        return x[rows]
+
+    streamed = fit_stream(source, len(x), params, take=take if with_take else None)
+    # One pass applies the fit; without `take` one more gathers the sample.
+    assert len(passes) == (1 if with_take else 2)
+    if with_take:
+        assert len(taken) == 1 and len(taken[0]) == 200
+        assert np.all(np.diff(taken[0]) > 0)
+    assert streamed.k == whole.k == 4
+    np.testing.assert_array_equal(streamed.labels, whole.labels)
+    np.testing.assert_allclose(streamed.centroids, whole.centroids, atol=1e-6)
+    np.testing.assert_allclose(streamed.distances, whole.distances, atol=1e-6)
+    assert_found(streamed, labels)
+    # The labels and distances are the nearest centroid's, as online assignment finds them.
+    nearest, distances = assign(x, streamed.centroids)
+    np.testing.assert_array_equal(streamed.labels, nearest)
+    np.testing.assert_allclose(streamed.distances, distances, atol=1e-6)
+    assert set(streamed.phases) == {"sample", "projection", "k", "kmeans", "pass"}
+
+
+def test_a_large_fit_checks_n(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster, "LARGE_FIT_ABOVE", 20)
+    x, _, _ = blobs(3, 10, seed=9, dim=SMALL)
+    with pytest.raises(ValueError, match="expected 31"):
+        fit_stream(lambda: chunked(x, 4), len(x) + 1, FitParams(k=3, pca_dims=4))

@@ -641,3 +641,72 @@ def test_the_policy_reads_the_rule_the_fit_used() -> None:
     assert verdict_of(silhouette).threshold is None
     none = dataclasses.replace(strength, k=1, structured=False)
     assert not verdict_of(none).structured and verdict_of(none).k == 1
+
+
+# ---- the large fit: a sample read by id, then one pass over the store
+
+
+def test_a_large_refit_reads_the_store_once_and_clusters_as_in_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above LARGE_FIT_ABOVE (lowered here to 500 rows, the sample to 300) compute_refit reads
+    its sample by id and every row in one pass, and finds exactly what core.cluster.fit finds
+    on the same rows as one in-memory matrix. Rows without an embedding and deleted rows
+    leave gaps in the ids, so a sample read by position would read the wrong rows."""
+    from segd.core import cluster
+    from segd.state.images import ImageTable
+    from segd.state.refit import compute_refit
+
+    monkeypatch.setattr(cluster, "LARGE_FIT_ABOVE", 500)
+    monkeypatch.setattr(cluster, "FIT_SAMPLE", 300)
+    config = Config(state_dir=tmp_path / "state", library=tmp_path / "library",
+                    clustering=ClusteringConfig(pca_dims=8, k_max=6))
+    config.state_dir.mkdir()
+    rng = np.random.default_rng(3)
+    centres = unit(rng.standard_normal((4, DIM)))
+    blob_of: dict[int, int] = {}
+    with open_store(config.db_path) as store, store.transaction():
+        for i in range(1000):
+            emb = unit(centres[i % 4] + rng.standard_normal(DIM) * (1.2 / np.sqrt(DIM)))
+            image_id = store.add_image(f"{i:064x}", f"img{i}.jpg", tmp_path / f"img{i}.jpg",
+                                       "pending", embedding=None if i % 7 == 3 else emb)
+            blob_of[image_id] = i % 4
+            if i % 11 == 5:
+                store.delete_image(image_id)
+    with open_store(config.db_path, readonly=True) as store:
+        ids, x = store.load_embeddings(state=None)
+    assert 500 < len(ids) < 1000
+
+    passes: list[int] = []
+    sampled: list[int] = []
+    chunks, by_id = ImageTable.iter_embedding_chunks, ImageTable.embeddings_of
+
+    def counted_chunks(self: ImageTable, *args: Any, **kw: Any) -> Iterator[Any]:
+        passes.append(1)
+        return chunks(self, *args, **kw)
+
+    def counted_by_id(self: ImageTable, wanted: np.ndarray, *args: Any, **kw: Any) -> Any:
+        sampled.append(len(wanted))
+        return by_id(self, wanted, *args, **kw)
+
+    monkeypatch.setattr(ImageTable, "iter_embedding_chunks", counted_chunks)
+    monkeypatch.setattr(ImageTable, "embeddings_of", counted_by_id)
+    params = FitParams.from_config(config.clustering)
+    plan = compute_refit(config, params)
+    assert plan is not None
+    assert passes == [1] and sampled == [300]  # one pass; the sample by id
+
+    monkeypatch.setattr(ImageTable, "iter_embedding_chunks", chunks)
+    whole = cluster.fit(x, params)
+    assert plan.fit.k == whole.k == 4
+    np.testing.assert_array_equal(plan.ids, ids)
+    np.testing.assert_array_equal(plan.fit.labels, whole.labels)
+    np.testing.assert_allclose(plan.fit.centroids, whole.centroids, atol=1e-6)
+    np.testing.assert_allclose(plan.fit.distances, whole.distances, atol=1e-6)
+    assert plan.fit.scores.keys() == whole.scores.keys()
+    # Every row's label is its nearest centroid, as online assignment later finds it.
+    labels, distances = cluster.assign(x, plan.fit.centroids)
+    np.testing.assert_array_equal(plan.fit.labels, labels)
+    np.testing.assert_allclose(plan.fit.distances, distances, atol=1e-6)
+    truth = np.array([blob_of[int(i)] for i in ids])
+    sizes = [len(np.unique(truth[plan.fit.labels == c])) for c in range(4)]
+    assert sizes == [1, 1, 1, 1]

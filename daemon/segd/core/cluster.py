@@ -9,7 +9,11 @@ components and re-normalising concentrates the distances on what separates image
 clustering runs on (n, pca_dims) instead of (n, 1280).
 
 Large collections are streamed: `fit_stream` takes a callable that yields the embeddings in
-chunks, in the same order each time, and never holds more than the projected matrix.
+chunks, in the same order each time, and never holds more than the projected matrix. Above
+LARGE_FIT_ABOVE rows the clustering is decided on a random sample of the rows (projection,
+k, KMeans, and the centroids as the sample's means in the original space) and applied to
+every row in one pass: the rows are read once, besides the sample, and nothing of size
+n x d is ever held (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -29,12 +33,20 @@ from segd.config import ClusteringConfig, KRule
 from segd.core import kmeans_large, kselect
 
 ChunkSource = Callable[[], Iterable[np.ndarray]]
+# The rows at given ascending global positions, as (m, d): how a large fit reads its sample
+# without a pass over the rows (a store reads them by id).
+RowTaker = Callable[[np.ndarray], np.ndarray]
 
 # k is chosen on a random subset of at most this many rows: the rules only need a few
 # thousand points, and KMeans on a subset of this size finds the same structure.
 SELECTION_SAMPLE = 20_000
 # Rows used to estimate the principal components.
 PCA_SAMPLE = 20_000
+# Above LARGE_FIT_ABOVE rows: the rows the clustering is decided on, as one sample (the PCA's,
+# the k selection's and the KMeans'); held as (FIT_SAMPLE, d) float32 while it is fitted.
+FIT_SAMPLE = 20_000
+# Rows of the sample a large fit's covariance is summed over at a time (float64 blocks).
+_COVARIANCE_BLOCK = 2048
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,8 @@ class FitResult:
     margin: float | None = None
     # False: k = "auto" found no cluster structure, and k is 1.
     structured: bool = True
+    # Seconds per step of a large fit (sample, projection, k, kmeans, pass), for benchmarks.
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def sizes(self) -> np.ndarray:
@@ -116,18 +130,25 @@ class FitCancelled(Exception):
 
 
 def fit_stream(read_chunks: ChunkSource, n: int, params: FitParams,
-               should_stop: Callable[[], bool] | None = None) -> FitResult:
+               should_stop: Callable[[], bool] | None = None,
+               take: RowTaker | None = None) -> FitResult:
     """Cluster n embeddings read in chunks; `read_chunks()` must give the same rows each call.
 
+    Above LARGE_FIT_ABOVE rows, `read_chunks()` is called once (see the module doc), and
+    `take`, when given, reads the sample (else one more pass over the chunks gathers it).
     `should_stop` is polled between chunks and between KMeans runs, so a stopping daemon
     waits for one step of a fit, not the whole fit; it then raises FitCancelled.
     """
     if should_stop is not None:
         read_chunks = _stoppable(read_chunks, should_stop)
+    stop = should_stop or (lambda: False)
     # One BLAS thread: the matrices here are small enough that threads mostly contend, and a
     # fit runs beside decoding and inference (7-14x faster under load, docs/benchmarks.md).
     with threadpool_limits(limits=1):
-        return _fit_stream(read_chunks, n, params, should_stop or (lambda: False))
+        if n > LARGE_FIT_ABOVE:
+            return _fit_sampled(read_chunks, n, params, stop,
+                                take or (lambda rows: _gather_rows(read_chunks, rows, np.float32)))
+        return _fit_stream(read_chunks, n, params, stop)
 
 
 def _stoppable(read_chunks: ChunkSource, should_stop: Callable[[], bool]) -> ChunkSource:
@@ -186,6 +207,102 @@ def _fit_stream(read_chunks: ChunkSource, n: int, params: FitParams,
                      structured=choice.structured)
 
 
+def _fit_sampled(read_chunks: ChunkSource, n: int, params: FitParams,
+                 should_stop: Callable[[], bool], take: RowTaker) -> FitResult:
+    """The large fit: decided on FIT_SAMPLE random rows, applied to all n in one pass."""
+    if n < 2:
+        raise ValueError(f"need at least 2 embeddings to cluster, got {n}")
+    started = time.perf_counter()
+    phases = _Phases()
+    rng = np.random.default_rng(params.random_state)
+    rows = np.sort(_subset(rng, n, FIT_SAMPLE))
+    x = np.ascontiguousarray(take(rows), dtype=np.float32)
+    if len(x) != len(rows):
+        raise ValueError(f"the row source gave {len(x)} sample rows, expected {len(rows)}")
+    phases.end("sample")
+    projection = _sample_projection(x, params)
+    # In blocks: no second (FIT_SAMPLE, d) temporary beside the sample.
+    z = np.concatenate([projection.apply(block) for block in chunked(x, _COVARIANCE_BLOCK)])
+    phases.end("projection")
+    ks = candidate_ks(n, params)
+    choice: kselect.KChoice | None = None
+    if params.k == "auto" and ks:
+        def checkpoint() -> None:
+            if should_stop():
+                raise FitCancelled
+
+        choice = kselect.choose_k(z, ks, _kselect_settings(params), checkpoint)
+        k = choice.k
+    else:
+        k = ks[0] if ks else 1
+    phases.end("k")
+    if should_stop():
+        raise FitCancelled
+    model = kmeans_large.fit_large(z, k, seed=params.random_state, n_init=params.n_init)
+    phases.end("kmeans")
+    # The sample's means in the original space are the centroids, so that the one pass's
+    # nearest-centroid labels and distances are final: each row's label is its nearest
+    # centroid, as online assignment later finds it.
+    sums = _cluster_sums(x, model.labels_, k)
+    del x
+    centroids = normalize_rows(sums).astype(np.float32)
+    labels, distances = _assign_stream(read_chunks, centroids)
+    if len(labels) != n:
+        raise ValueError(f"the chunk source gave {len(labels)} rows, expected {n}")
+    phases.end("pass")
+    silhouette = choice.silhouette if choice is not None else None
+    if silhouette is None and 2 <= k < n:
+        silhouette = _silhouette(z, model.labels_, params)
+    return FitResult(k=k, labels=labels, distances=distances, centroids=centroids,
+                     scores=choice.scores if choice else {}, silhouette=silhouette,
+                     duration_s=time.perf_counter() - started,
+                     rule=choice.method if choice else "fixed",
+                     runner_up=choice.runner_up if choice else None,
+                     margin=choice.margin if choice else None,
+                     structured=choice.structured if choice else True,
+                     phases=phases.seconds)
+
+
+class _Phases:
+    """Seconds since the previous step ended, by step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def end(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._last
+        self._last = now
+
+
+def _sample_projection(x: np.ndarray, params: FitParams) -> Projection:
+    """The projection of a large fit, from its float32 sample: the covariance is summed in
+    float64 blocks, so no float64 copy of the sample is made."""
+    if params.pca_dims <= 0:
+        return Projection()
+    dims = min(params.pca_dims, x.shape[1], max(len(x) - 1, 1))
+    if len(x) < x.shape[1]:
+        return _projection_of(np.asarray(x, dtype=np.float64), params)
+    mean = x.mean(axis=0, dtype=np.float64)
+    d = x.shape[1]
+    cov = np.zeros((d, d), dtype=np.float64)
+    for block in chunked(x, _COVARIANCE_BLOCK):
+        # Each block's product in float32 (half the time), summed in float64.
+        centred = (block - mean).astype(np.float32)
+        cov += centred.T @ centred
+    cov /= max(len(x) - 1, 1)
+    return _top_components(cov, mean, dims, params)
+
+
+def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    sums = np.zeros((k, x.shape[1]), dtype=np.float64)
+    for i in range(0, len(x), _COVARIANCE_BLOCK):
+        onehot = (labels[i:i + _COVARIANCE_BLOCK, None] == np.arange(k)).astype(np.float64)
+        sums += onehot.T @ np.asarray(x[i:i + _COVARIANCE_BLOCK], dtype=np.float64)
+    return sums
+
+
 def _kselect_settings(params: FitParams) -> kselect.KSelect:
     # The strength rule was chosen on the projection; on raw embeddings (pca_dims 0) it
     # splits clean clusters (KMeans on a few dozen points in 1280-d reproduces any split),
@@ -223,7 +340,11 @@ def _fit_projection(read_chunks: ChunkSource, n: int, params: FitParams,
     if params.pca_dims <= 0:
         return Projection()
     take = np.sort(_subset(rng, n, PCA_SAMPLE))
-    sample = _gather_rows(read_chunks, take)
+    return _projection_of(_gather_rows(read_chunks, take), params)
+
+
+def _projection_of(sample: np.ndarray, params: FitParams) -> Projection:
+    """The projection estimated on a float64 sample (n, d)."""
     dims = min(params.pca_dims, sample.shape[1], max(len(sample) - 1, 1))
     mean = sample.mean(axis=0)
     centred = sample - mean
@@ -232,27 +353,35 @@ def _fit_projection(read_chunks: ChunkSource, n: int, params: FitParams,
         # Fewer rows than dimensions: the thin SVD of the sample is the cheap route.
         _, s, vt = np.linalg.svd(centred, full_matrices=False)
         eigvals, components = (s[:dims] ** 2) / scale, vt[:dims]
-    else:
-        # The top eigenvectors of the (d, d) covariance, and only those: ten times faster
-        # than an SVD of the sample.
-        d = centred.shape[1]
-        values, vectors = scipy.linalg.eigh(centred.T @ centred / scale,
-                                            subset_by_index=[d - dims, d - 1], driver="evr")
-        order = np.argsort(values)[::-1]
-        eigvals, components = values[order], vectors[:, order].T
+        if params.whiten:
+            components = components / np.sqrt(np.maximum(eigvals, 1e-12))[:, None]
+        return Projection(mean=mean.astype(np.float32),
+                          components=components.astype(np.float32))
+    return _top_components(centred.T @ centred / scale, mean, dims, params)
+
+
+def _top_components(cov: np.ndarray, mean: np.ndarray, dims: int,
+                    params: FitParams) -> Projection:
+    """The top eigenvectors of the (d, d) covariance, and only those: ten times faster than
+    an SVD of the sample."""
+    d = cov.shape[0]
+    values, vectors = scipy.linalg.eigh(cov, subset_by_index=[d - dims, d - 1], driver="evr")
+    order = np.argsort(values)[::-1]
+    eigvals, components = values[order], vectors[:, order].T
     if params.whiten:
         components = components / np.sqrt(np.maximum(eigvals, 1e-12))[:, None]
     return Projection(mean=mean.astype(np.float32), components=components.astype(np.float32))
 
 
-def _gather_rows(read_chunks: ChunkSource, rows: np.ndarray) -> np.ndarray:
+def _gather_rows(read_chunks: ChunkSource, rows: np.ndarray,
+                 dtype: type[np.floating] = np.float64) -> np.ndarray:
     """Rows at the given sorted global indices, read in one streaming pass."""
     parts, start = [], 0
     for chunk in read_chunks():
         stop = start + len(chunk)
         lo, hi = np.searchsorted(rows, [start, stop])
         if hi > lo:
-            parts.append(np.asarray(chunk[rows[lo:hi] - start], dtype=np.float64))
+            parts.append(np.asarray(chunk[rows[lo:hi] - start], dtype=dtype))
         start = stop
     return np.concatenate(parts)
 
@@ -310,17 +439,13 @@ def chunked(x: np.ndarray, rows: int) -> Iterator[np.ndarray]:
         yield x[i:i + rows]
 
 
-# ---- The final fit over every row. Kept apart from the k selection above: only the size
-# ---- of the input decides between sklearn and the subset-then-refine fit.
+# ---- The final fit over every row, below LARGE_FIT_ABOVE rows.
 
-# Above this many rows the final fit starts from centroids fitted on a subset and refines
-# them over every row (core.kmeans_large): at 1e6 x 32, k = 10, overlapping blobs, 1.9 s
-# and ARI 0.999 against 11.2 s and ARI 0.87 for MiniBatchKMeans (docs/scale.md).
+# Above this many rows a fit is decided on a sample and applied in one pass (`_fit_sampled`;
+# its KMeans is core.kmeans_large's subset-then-refine fit). At and below it, every row is
+# projected and clustered, and read again for the centroids and the assignment.
 LARGE_FIT_ABOVE = 100_000
 
 
-def _final_fit(z: np.ndarray, k: int,
-               params: FitParams) -> KMeans | MiniBatchKMeans | kmeans_large.LargeFit:
-    if len(z) > LARGE_FIT_ABOVE:
-        return kmeans_large.fit_large(z, k, seed=params.random_state, n_init=params.n_init)
+def _final_fit(z: np.ndarray, k: int, params: FitParams) -> KMeans | MiniBatchKMeans:
     return _kmeans(k, len(z), params).fit(z)

@@ -195,16 +195,28 @@ def compute_refit(config: Config, params: FitParams,
     reader = open_store(config.db_path, readonly=True)
     try:
         with reader.snapshot():
-            ids = np.concatenate([np.empty(0, np.int64)] + [
-                i for i, _ in reader.iter_embedding_chunks(state=None)])
+            # The ids alone (no vector read), so that a large fit reads its sample by id
+            # and every row once (core.cluster); small fits read the rows a few times.
+            started = time.perf_counter()
+            ids = reader.ids_with_embeddings()
+            ids_s = time.perf_counter() - started
             n = len(ids)
             if n < 2:
                 return None
 
             def chunks() -> Iterator[np.ndarray]:
-                return (emb for _, emb in reader.iter_embedding_chunks(state=None))
+                start = 0
+                for chunk_ids, emb in reader.iter_embedding_chunks(state=None):
+                    if not np.array_equal(chunk_ids, ids[start:start + len(chunk_ids)]):
+                        raise SegdError("the store's rows changed under a refit's snapshot")
+                    start += len(chunk_ids)
+                    yield emb
 
-            result = fit_stream(chunks, n, params, should_stop)
+            def take(rows: np.ndarray) -> np.ndarray:
+                return reader.embeddings_of(ids[rows])
+
+            result = fit_stream(chunks, n, params, should_stop, take=take)
+            result.phases = {"ids": ids_s, **result.phases}
             live = reader.clusters(active_only=True)
             old_ids, old_centroids = reader.centroid_matrix()
             live_k = sum(1 for c in live if c.origin == "fit")
