@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from segd.core.errors import StoreError
-from segd.core.state_health import StatePause, StateUnavailable, classify
+from segd.core.state_health import StatePause, StateUnavailable, classify, space_verdict
 
 STATE = Path("/srv/segd/state")
 
@@ -117,3 +117,11 @@ def test_pause_begins_once_probes_and_resumes() -> None:
 def test_describe_names_the_folder() -> None:
     text = StateUnavailable("full", "database or disk is full").describe(STATE)
     assert text == f"the state folder {STATE} is full (database or disk is full)"
+
+
+def test_space_verdict() -> None:
+    assert space_verdict(False, 2 << 20, 1 << 20) is None
+    full = space_verdict(False, 4096, 1 << 20)
+    assert full is not None and full.kind == "full" and "4096 bytes free" in full.detail
+    ro = space_verdict(True, 2 << 20, 1 << 20)
+    assert ro is not None and ro.kind == "read-only"

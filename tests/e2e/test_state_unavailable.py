@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -161,8 +162,8 @@ def test_read_only_state_folder_at_start_waits_then_starts(
     """The state folder (a tmpfs, store made by a first run) remounted read-only while no
     daemon runs. `segd run` does not exit (systemd would restart it into the same wall):
     it logs why once, sends READY=1 with a STATUS= naming the folder, keeps pinging the
-    watchdog and leaves dropped photos in the inbox; remounted read-write, it starts by
-    itself and files them; then the invariant."""
+    watchdog, answers a reload (SIGHUP) and leaves dropped photos in the inbox; remounted
+    read-write, it starts by itself and files them; then the invariant."""
     env, listener = make_env({"WATCHDOG_USEC": "2000000"})
     state = env.folders.state_dir
     with tmpfs(state, "16m"):
@@ -173,7 +174,14 @@ def test_read_only_state_folder_at_start_waits_then_starts(
         try:
             notes = len(listener.snapshot())
             env.daemon.start(wait=False)
-            ready = listener.wait_for("READY", "1", start=notes, timeout=120)
+
+            def ready_while_waiting() -> list[Notification]:
+                if not env.daemon.alive():
+                    raise AssertionError(f"segd run exited instead of waiting:\n"
+                                         f"{env.daemon.log_tail()}")
+                return listener.having("READY", "1", start=notes)
+
+            ready = wait_until(ready_while_waiting, 120, "READY=1 from the waiting daemon")[0]
             assert ready.fields["STATUS"].startswith(
                 f"PAUSED, the state folder {state} is read-only"), ready.fields
             dropped = env.copy(photos()[12:18], "ro_")
@@ -182,6 +190,12 @@ def test_read_only_state_folder_at_start_waits_then_starts(
             # Alive and waiting: pinging through several probe intervals.
             wait_until(lambda: len(listener.having("WATCHDOG", "1", start=at)) >= 4, 60,
                        "watchdog pings while waiting", on_timeout=env.daemon.log_tail)
+            # `systemctl reload` meanwhile: answered, and no SIGHUP death.
+            at = len(listener.snapshot())
+            env.daemon.signal(signal.SIGHUP)
+            listener.wait_for("RELOADING", "1", start=at)
+            again = listener.wait_for("READY", "1", start=at)
+            assert again.fields["STATUS"] == ready.fields["STATUS"], again.fields
             assert env.daemon.alive()
             _untouched(before)
             assert env.daemon.log().count("waiting for it before starting") == 1

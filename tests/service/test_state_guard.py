@@ -21,6 +21,7 @@ from segd.core.filing import Filing
 from segd.core.state_health import classify
 from segd.service.state_guard import (
     PROBE_NAME,
+    look_at_state_dir,
     probe_state,
     probe_state_dir,
     settle_interrupted,
@@ -49,21 +50,22 @@ def state(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_probe_full_read_only_and_back(state: Path) -> None:
-    assert probe_state_dir(state) is None
+    """The probe (writes) and the look at the start (statvfs only) agree on each state."""
+    assert probe_state_dir(state) is None and look_at_state_dir(state) is None
     assert not (state / PROBE_NAME).exists()
     ballast = ballast_file(state)
-    full = probe_state_dir(state)
-    assert full is not None and full.kind == "full", full
+    for found in (probe_state_dir(state), look_at_state_dir(state)):
+        assert found is not None and found.kind == "full", found
     assert not (state / PROBE_NAME).exists()
     ballast.unlink()
-    assert probe_state_dir(state) is None
+    assert probe_state_dir(state) is None and look_at_state_dir(state) is None
     remount(state, "ro")
     try:
-        ro = probe_state_dir(state)
-        assert ro is not None and ro.kind == "read-only", ro
+        for found in (probe_state_dir(state), look_at_state_dir(state)):
+            assert found is not None and found.kind == "read-only", found
     finally:
         remount(state, "rw")
-    assert probe_state_dir(state) is None
+    assert probe_state_dir(state) is None and look_at_state_dir(state) is None
 
 
 def _config(tmp_path: Path, state: Path) -> Path:

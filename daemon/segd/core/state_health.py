@@ -88,6 +88,15 @@ def _inside(exc: OSError, state_dir: Path) -> bool:
                for n in names)
 
 
+def space_verdict(read_only: bool, free_bytes: int, need_bytes: int) -> StateUnavailable | None:
+    """What a filesystem's own figures (statvfs) say before anything is written to it."""
+    if read_only:
+        return StateUnavailable("read-only", "mounted read-only")
+    if free_bytes < need_bytes:
+        return StateUnavailable("full", f"{free_bytes} bytes free, {need_bytes} needed")
+    return None
+
+
 @dataclass
 class StatePause:
     """The daemon's pause while the state folder cannot take commits: when it began, why,

@@ -45,7 +45,7 @@ from segd.media.decode import DecodeOptions, decode_bytes, read_image_file
 from segd.media.embed import Embedder, cpu_count
 from segd.service import notify
 from segd.service.control import ControlServer
-from segd.service.state_guard import probe_state, probe_state_dir, settle_interrupted
+from segd.service.state_guard import look_at_state_dir, probe_state, settle_interrupted
 from segd.service.watcher import InboxWatcher
 from segd.state.folders import check_folders_writable
 from segd.state.lock import StateLock, acquire_state_lock
@@ -684,17 +684,26 @@ def _wait_for_state_dir(config: Config) -> bool:
     until it can, rather than exit for systemd to restart into the same wall. False when
     stopped while waiting. A folder not there yet is made (or refused) as usual after."""
     state_dir = config.state_dir
-    if not state_dir.is_dir() or (reason := probe_state_dir(state_dir)) is None:
+    if not state_dir.is_dir() or (reason := look_at_state_dir(state_dir)) is None:
         return True
     stop = threading.Event()
+    waiting = f"PAUSED, {reason.describe(state_dir)}; waiting for it before starting"
+
+    def reload(*_: object) -> None:
+        # Nothing runs yet that a reload could change; answered, so that a `systemctl
+        # reload` neither waits in vain nor kills the process (SIGHUP's default).
+        notify.reloading()
+        notify.ready(waiting)
+
     handlers = {signum: signal.signal(signum, lambda *_: stop.set())
                 for signum in (signal.SIGTERM, signal.SIGINT)}
+    handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     try:
         log.warning("%s: waiting for it before starting; files wait in the inbox; trying "
                     "again every %.0f s", reason.describe(state_dir), STATE_PROBE_S)
         # READY: the service is up and says why it waits (systemd would otherwise kill it
         # at TimeoutStartSec and restart it into the same folder).
-        notify.ready(f"PAUSED, {reason.describe(state_dir)}; waiting for it before starting")
+        notify.ready(waiting)
         ping_every = notify.watchdog_interval()
         next_probe = time.monotonic() + STATE_PROBE_S
         while not stop.wait(min(1.0, ping_every) if ping_every else 1.0):
@@ -702,7 +711,7 @@ def _wait_for_state_dir(config: Config) -> bool:
                 notify.watchdog_ping()
             if time.monotonic() < next_probe:
                 continue
-            if probe_state_dir(state_dir) is None:
+            if look_at_state_dir(state_dir) is None:
                 log.info("the state folder %s can be written again: starting", state_dir)
                 return True
             next_probe = time.monotonic() + STATE_PROBE_S

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Final
 
 from segd.config import Config
-from segd.core.state_health import StateUnavailable, classify
+from segd.core.state_health import StateUnavailable, classify, space_verdict
 from segd.state.mover import recover_moves
 from segd.state.reconcile import filing_after_move
 from segd.state.store import Store
@@ -42,6 +42,17 @@ def probe_state_dir(state_dir: Path) -> StateUnavailable | None:
         with contextlib.suppress(OSError):  # refused too on a read-only filesystem
             path.unlink()
     return None
+
+
+def look_at_state_dir(state_dir: Path) -> StateUnavailable | None:
+    """The state folder's filesystem by its figures alone (read-only flag, free space),
+    writing nothing: the check at every start, where a probe's writes would be noise."""
+    try:
+        st = os.statvfs(state_dir)
+    except OSError as exc:
+        return _reason(exc, state_dir)
+    return space_verdict(bool(st.f_flag & os.ST_RDONLY), st.f_bavail * st.f_frsize,
+                         PROBE_BYTES)
 
 
 def probe_state(store: Store, state_dir: Path) -> StateUnavailable | None:
