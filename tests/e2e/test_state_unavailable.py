@@ -14,9 +14,11 @@ agreeing with the disk, no open journal row.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,6 +71,59 @@ def ballast_file(folder: Path) -> Path:
                     fh.write(block)
     assert os.statvfs(folder).f_bavail == 0, "the ballast left room"
     return ballast
+
+
+class OpenWatch:
+    """Names of the files opened in `folder` from now on: a real inotify watch (IN_OPEN),
+    the test's own, apart from the daemon's (which never asks for opens)."""
+
+    IN_OPEN = 0x20
+    IN_ISDIR = 0x40000000
+
+    def __init__(self, folder: Path) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            pytest.skip(f"no inotify instance: {os.strerror(ctypes.get_errno())}")
+        if libc.inotify_add_watch(self.fd, os.fsencode(folder), self.IN_OPEN) < 0:
+            os.close(self.fd)
+            pytest.skip(f"no inotify watch: {os.strerror(ctypes.get_errno())}")
+
+    def opened(self) -> set[str]:
+        names: set[str] = set()
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return names
+            offset = 0
+            while offset < len(buf):
+                _wd, mask, _cookie, length = struct.unpack_from("iIII", buf, offset)
+                name = buf[offset + 16:offset + 16 + length].rstrip(b"\0")
+                if not mask & self.IN_ISDIR:
+                    names.add(os.fsdecode(name))
+                offset += 16 + length
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _unread_while_paused(env: Env, dropped: list[Path]) -> None:
+    """Through three more probe intervals (three and more inbox rescans hand the files to
+    intake), the daemon stays paused, opens none of them and changes none of them."""
+    before = _snapshot(dropped)
+    watch = OpenWatch(env.tree.inbox)
+    try:
+        start = _paused(env)
+        assert start is not None
+        wait_until(lambda: (p := _paused(env)) and p["for_s"] >= start["for_s"] + 3 * STATE_PROBE_S,
+                   60, "three more probe intervals into the pause")
+        opened = watch.opened()
+    finally:
+        watch.close()
+    assert not opened & {p.name for p in dropped}, f"read while paused: {sorted(opened)}"
+    _untouched(before)
 
 
 def _paused(env: Env) -> dict[str, Any] | None:
@@ -127,11 +182,8 @@ def test_state_folder_full_pauses_then_resumes(
         env.daemon.wait_for_log(PAUSE_LINE, timeout=10, start=mark)
 
         # Several probes and inbox rescans (every 1 s) later: still paused, the photos in
-        # the inbox as dropped, and the log said it once, not once per file.
-        before = _snapshot(dropped)
-        wait_until(lambda: (p := _paused(env)) and p["for_s"] >= 3 * STATE_PROBE_S, 60,
-                   "three probe intervals into the pause")
-        _untouched(before)
+        # the inbox unread and as dropped, and the log said it once, not once per file.
+        _unread_while_paused(env, dropped)
         assert sorted(env.tree.inbox_files()) == sorted(dropped), env.tree.describe()
         assert env.daemon.alive()
         text = segd_cli(env.config, "status", timeout=60)
@@ -273,10 +325,7 @@ def test_state_filesystem_turned_read_only_under_the_daemon(
         assert str(state) in pause["message"], pause
         wait_until(lambda: _paused_notes(listener, notes), 30, "a STATUS= naming the pause",
                    on_timeout=listener.describe)
-        before = _snapshot(dropped)
-        wait_until(lambda: (p := _paused(env)) and p["for_s"] >= 3 * STATE_PROBE_S, 60,
-                   "three probe intervals into the pause")
-        _untouched(before)
+        _unread_while_paused(env, dropped)
         _refused(env, "refit", "--k", "2")
         env.daemon.stop(timeout=60)
         since = env.daemon.log()[mark:]
