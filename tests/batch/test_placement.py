@@ -176,3 +176,27 @@ def test_a_vanished_source_is_reported_not_fatal(tmp_path: Path) -> None:
     assert manifest.placed == 2 and [p for p, _ in manifest.unreadable] == [sources[1]]
     assert (dest / "manifest.csv").is_file()
     assert (dest / UNREADABLE_FOLDER / "reasons.csv").is_file()
+
+
+def test_an_unreadable_non_file_stays_where_it_is_and_is_reported(tmp_path: Path) -> None:
+    """As the local engine: a dangling link or a FIFO is listed, unreadable, and left in
+    place; the manifest and reasons.csv name it with no destination."""
+    dest = tmp_path / "dest"
+    sources = make_sources(tmp_path / "src", 2)
+    dangling = tmp_path / "src" / "gone.jpg"
+    dangling.symlink_to(tmp_path / "nowhere.jpg")
+    fifo = tmp_path / "src" / "pipe.jpg"
+    os.mkfifo(fifo)
+    plan = plan_for(dest, sources)
+    for path in (dangling, fifo):  # the slot the Ray engine gives a non-file: 0, no name
+        plan.append(PlanEntry(len(plan), path, -1, -1, UNREADABLE_FOLDER, path.name, 0,
+                              kind="inaccessible", reason="not a regular file"))
+    outcomes = placement.place_slice(dest, plan, tmp_path / "placed.jsonl", move=True)
+    assert [o.final for o in outcomes[2:]] == [None, None]
+    assert dangling.is_symlink() and fifo.exists()
+    manifest = placement.write_manifest(dest, plan, {o.index: o for o in outcomes})
+    assert manifest.placed == 2 and [p for p, _ in manifest.unreadable] == [dangling, fifo]
+    rows = (dest / UNREADABLE_FOLDER / "reasons.csv").read_text().splitlines()
+    assert rows[1:] == [f"{dangling},,inaccessible,not a regular file",
+                        f"{fifo},,inaccessible,not a regular file"]
+    assert not any((dest / UNREADABLE_FOLDER).glob("*.jpg"))

@@ -2,8 +2,9 @@
 
 One Ray session for the module (3 CPUs, so 3 one-CPU actors: several worker processes),
 started by this process; the command-line runs are drivers of their own that join it with
---address. SRC is the 40 CC0 photos flattened, two bad files and, in a subfolder, a twin of
-one photo (same pixels, other bytes), sorted with --recursive so names collide in DEST.
+--address. SRC is the 40 CC0 photos flattened, two bad files, a dangling link and a FIFO
+(unreadable and no regular file: reported, left where they are) and, in a subfolder, a twin
+of one photo (same pixels, other bytes), sorted with --recursive so names collide in DEST.
 Every Ray run is compared with one run of the local engine on the same SRC: the same
 manifest, clusters and files.
 
@@ -39,7 +40,8 @@ from segd.core.errors import SegdError
 
 PHOTOS = Path(__file__).resolve().parents[1] / "data" / "photos"
 TWIN = "shoes_0003.jpg"
-FILES = 40 + 2 + 1
+BAD = 4  # two bad files, a dangling link, a FIFO
+FILES = 40 + BAD + 1
 SHARD = 4
 SHARDS = math.ceil(FILES / SHARD)
 RUN_TIMEOUT_S = 400
@@ -106,6 +108,8 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy2(photo, folder / photo.name)
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.jpg").write_text("shopping list: milk, eggs\n")
+    (folder / "gone.jpg").symlink_to(folder / "deleted.jpg")
+    os.mkfifo(folder / "pipe.jpg")
     (folder / "sub").mkdir()
     jpeg = (folder / TWIN).read_bytes()
     comment = b"segd test"
@@ -216,6 +220,10 @@ def test_ray_sorts_exactly_as_the_local_engine(cluster: str, src: Path, local_de
                                                tmp_path: Path) -> None:
     proc = run_cli(tmp_path, str(src), str(tmp_path / "dest"), *ray_args(cluster))
     assert_sorted_as_local(tmp_path / "dest", local_dest)
+    # The link and the FIFO are reported with no destination, and stay in SRC.
+    left = {Path(row[0]).name: row[1] for row in reasons(tmp_path / "dest")}
+    assert left["gone.jpg"] == left["pipe.jpg"] == ""
+    assert (src / "gone.jpg").is_symlink() and (src / "pipe.jpg").exists()
     assert "actors of 1 CPU" in proc.stdout  # the report names the engine
     assert len(shard_files(tmp_path / "dest")) == SHARDS
     assert not (tmp_path / "dest" / shards.SHARD_DIR / "job").exists()  # the plan is done with
@@ -252,7 +260,7 @@ def test_a_worker_killed_mid_run_costs_nothing(cluster: str, src: Path, local_de
     assert killed, "no embedding actor was seen working to be killed"
     pid, done = killed[0]
     assert done < SHARDS and not Path(f"/proc/{pid}").exists()
-    assert result.placed == FILES - 2
+    assert result.placed == FILES - BAD
     assert_sorted_as_local(dest, local_dest)
 
 

@@ -54,7 +54,8 @@ class PlanEntry:
     mtime_ns: int
     folder: str  # a cluster folder, or UNREADABLE_FOLDER
     name: str  # the source's own name
-    slot: int  # 1: `name` itself; i: the i-th of fsops.candidate_names(name)
+    slot: int  # 1: `name` itself; i: the i-th of fsops.candidate_names(name); 0: no name
+    # (an unreadable entry that is no regular file, e.g. a dangling link: left where it is)
     cluster: int = -1  # -1: an unreadable file, set aside
     distance: float = math.nan
     kind: str = ""  # for an unreadable file: why (ImageError kind and reason)
@@ -222,6 +223,8 @@ def place_entry(dest: Path, entry: PlanEntry, *, move: bool) -> Outcome:
 
 
 def _place(folder: Path, entry: PlanEntry, *, move: bool) -> str | None:
+    if entry.slot < 1:
+        return None  # an unreadable entry that was no regular file when planned: it stays
     for name in itertools.islice(fsops.candidate_names(entry.name), entry.slot - 1, None):
         target = folder / name
         try:
