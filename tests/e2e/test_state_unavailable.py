@@ -37,14 +37,17 @@ PAUSE_LINE = r"WARNING .*the state folder .* is (full|read-only|failing).*not ta
 RESUME_LINE = r"INFO .*the state folder .* takes commits again"
 # No growth or interval refits: the only refits are the ones the test asks for.
 QUIET: dict[str, Any] = {"clustering": {"refit_growth": 0, "refit_interval_s": 0}}
+# A refit every 2 s of quiet: none may run while paused, and they come back after.
+EVERY_2_S: dict[str, Any] = {"clustering": {"refit_growth": 0, "refit_interval_s": 2}}
 
 
 @pytest.fixture
 def make_env(tmp_path: Path) -> Iterator[Callable[..., tuple[Env, NotifyListener]]]:
     made: list[tuple[Env, NotifyListener]] = []
 
-    def make(extra_env: dict[str, str] | None = None) -> tuple[Env, NotifyListener]:
-        env = Env(tmp_path / f"segd{len(made)}", QUIET)
+    def make(extra_env: dict[str, str] | None = None,
+             overrides: dict[str, Any] | None = None) -> tuple[Env, NotifyListener]:
+        env = Env(tmp_path / f"segd{len(made)}", overrides or QUIET)
         listener = NotifyListener()
         env.daemon.extra_env = {**listener.env, **(extra_env or {})}
         made.append((env, listener))
@@ -137,6 +140,14 @@ def _paused_notes(listener: NotifyListener, start: int) -> list[Notification]:
             if m.fields["STATUS"].startswith("PAUSED, the state folder ")]
 
 
+def _resumed_at(listener: NotifyListener, paused: Notification) -> float:
+    """When the first STATUS= after `paused` that no longer says paused arrived."""
+    after = [m for m in listener.having("STATUS") if m.at > paused.at
+             and not m.fields["STATUS"].startswith("PAUSED")]
+    assert after, listener.describe()
+    return after[0].at
+
+
 def _untouched(files: dict[Path, tuple[int, int, bytes]]) -> None:
     for path, (ino, mtime, data) in files.items():
         st = path.lstat()
@@ -162,9 +173,10 @@ def test_state_folder_full_pauses_then_resumes(
     the last page; 12 more photos are dropped. The daemon pauses: one warning, `segd
     status` (text and --json) and STATUS= say why, naming the folder; the photos stay in
     the inbox untouched through several probes and rescans; `segd refit` and `segd undo`
-    are refused naming the folder. The ballast removed, it resumes by itself (one line)
-    and files all 12; then the invariant."""
-    env, listener = make_env()
+    are refused naming the folder, and none of the interval refits (every 2 s otherwise)
+    runs. The ballast removed, it resumes by itself (one line), files all 12 and refits
+    again; then the invariant."""
+    env, listener = make_env(overrides=EVERY_2_S)
     state = env.folders.state_dir
     with tmpfs(state, "16m"):
         env.daemon.start(timeout=120)
@@ -195,9 +207,17 @@ def test_state_folder_full_pauses_then_resumes(
         assert len([ln for ln in since.splitlines() if "not taking files" in ln]) == 1, since
         assert "could not be filed" not in since, since
 
+        paused_at = env.daemon.wait_for_log(PAUSE_LINE, timeout=10, start=mark).end()
+
         ballast.unlink()
         env.tree.wait_drained(24, 120, env.daemon)
-        env.daemon.wait_for_log(RESUME_LINE, timeout=10, start=mark)
+        resumed = env.daemon.wait_for_log(RESUME_LINE, timeout=10, start=mark)
+        during = env.daemon.log()[paused_at:resumed.start()]
+        assert " INFO refit (" not in during, during
+        paused_note = _paused_notes(listener, notes)[0]
+        assert not [m for m in listener.having("STATUS", "refitting (interval)")
+                    if paused_note.at <= m.at <= _resumed_at(listener, paused_note)]
+        env.daemon.wait_for_log(r" INFO refit \(interval\)", timeout=60, start=resumed.end())
         assert _paused(env) is None
         assert env.daemon.log()[mark:].count("takes commits again") == 1
         # The STATUS= after the resume no longer says paused.
