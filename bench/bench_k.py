@@ -31,6 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
@@ -45,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "k-study"
 KS = list(range(2, 11))  # segd's default k range
 FIVE = ("dress", "hat", "pants", "shoes", "t-shirt")
-RESULTS_VERSION = 3
+RESULTS_VERSION = 4
 
 
 # ------------------------------------------------------------------------------------------
@@ -369,8 +370,15 @@ def hybrid_name(small: str, below: int, threshold: float = 0.8) -> str:
 
 
 # segd's rule as shipped: segd.core.kselect.choose_k with its defaults.
-DEFAULT = ("segd: silhouette below 150, else choose_k, step-down guard 0.05, "
-           "angular reference")
+DEFAULT = ("segd: silhouette below 150, else prediction strength (min over clusters) 0.6, "
+           "steps up and down 0.05, angular reference")
+# The first study's strength: the mean over clusters, threshold 0.8, no step down or up.
+MEAN = {"aggregate": "mean", "threshold": 0.8, "step_up": None, "step_down": None}
+# segd's rule after the first study: that strength, stepped down by the silhouette.
+BEFORE = "segd before: silhouette below 150, else mean strength 0.8, step-down 0.05"
+BEFORE_SETTINGS = dict(MEAN, step_down=0.05)
+# segd's rule at other thresholds, and without each of its steps.
+MIN_THRESHOLDS = (0.5, 0.7)
 # The study's own rows use the first reference: a Gaussian with z's mean and covariance.
 GAUSS = "gaussian"
 
@@ -394,6 +402,13 @@ def small_methods() -> list[MethodSpec]:
                        P(_guarded, delta=d, local=True), "hybrid") for d in GUARDS]
     out += [MethodSpec(f"{base}, jump guard {d}", "pca32",
                        P(_guarded, delta=d, jump=True), "hybrid") for d in GUARDS]
+    out.append(MethodSpec(BEFORE, "pca32", P(_segd, **BEFORE_SETTINGS), "hybrid"))
+    out += [MethodSpec(f"segd, min strength {t}", "pca32", P(_segd, threshold=t), "hybrid")
+            for t in MIN_THRESHOLDS]
+    out.append(MethodSpec("segd without the step up", "pca32", P(_segd, step_up=None),
+                          "hybrid"))
+    out.append(MethodSpec("segd without the step down", "pca32", P(_segd, step_down=None),
+                          "hybrid"))
     out.append(MethodSpec(DEFAULT, "pca32", _segd, "hybrid"))
     return out
 
@@ -418,26 +433,27 @@ def _memo(ctx: ks.Ctx, kk: list[int], settings: KSelect) -> KChoice:
 
 def _reference(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator) -> ks.Choice:
     """The strength rule at every size (the no-structure test from 100 rows up)."""
-    return _as_choice(_memo(ctx, kk, KSelect(small_below=0, step_down=None, reference=GAUSS)))
+    return _as_choice(_memo(ctx, kk, KSelect(small_below=0, reference=GAUSS, **MEAN)))
 
 
-def _segd(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator) -> ks.Choice:
-    return _as_choice(_memo(ctx, kk, KSelect()))
+def _segd(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, **settings: Any
+          ) -> ks.Choice:
+    return _as_choice(_memo(ctx, kk, KSelect(**settings)))
 
 
 def _hybrid(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *, small: str, below: int,
             threshold: float = 0.8) -> ks.Choice:
-    """= choose_k(z, kk, KSelect(small_below=below, threshold=threshold, step_down=None,
-    reference="gaussian")) for "silhouette", memoised on the branch taken; the other small-n
+    """= choose_k(z, kk, KSelect(small_below=below, reference="gaussian", **MEAN) with the
+    threshold) for "silhouette", memoised on the branch taken; the other small-n
     rules are the study's."""
     if len(ctx.z) >= below:
-        return _as_choice(_memo(ctx, kk, KSelect(small_below=0, threshold=threshold,
-                                                 step_down=None, reference=GAUSS)))
+        return _as_choice(_memo(ctx, kk, KSelect(small_below=0, reference=GAUSS,
+                                                 **dict(MEAN, threshold=threshold))))
     if small == "silhouette":
         return _as_choice(_memo(ctx, kk, KSelect(rule="silhouette")))
     if small == "splits32":
-        return _as_choice(_memo(ctx, kk, KSelect(small_below=0, splits=32, step_down=None,
-                                                 reference=GAUSS)))
+        return _as_choice(_memo(ctx, kk, KSelect(small_below=0, splits=32, reference=GAUSS,
+                                                 **MEAN)))
     assert small == "bootstrap", small
     if "bootstrap" not in ctx.memo:
         ctx.memo["bootstrap"] = ks.bootstrap_choice(ctx.z, kk)
@@ -747,7 +763,7 @@ def main() -> None:
     table, _ = summary_table(rows)
     print("## Summary (ranked by failures of the k test, then worst, then mean ARI ratio)\n")
     print(table)
-    show = args.show or ["silhouette pca32", RECOMMENDED, DEFAULT]
+    show = args.show or ["silhouette pca32", BEFORE, DEFAULT]
     print("\n## Per collection: k chosen (ARI at that k); **x** = fails the k test\n")
     print(per_collection_table(rows, list(dict.fromkeys(show))))
     print("\n## Leave one collection out\n")

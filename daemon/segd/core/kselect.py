@@ -4,19 +4,22 @@ Pure numpy / scikit-learn. The rows `z` are the points clustering runs on (segd:
 projection of the L2-normalised embeddings, re-normalised; a random subset of at most
 `cluster.SELECTION_SAMPLE`). The rules and their settings come from the k study
 (bench/bench_k.py, docs/quality.md "Choosing k across collections"), which chose them by
-their worst and mean results over 74 labelled collections.
+their worst and mean results over 82 labelled collections.
 
 rule "strength" (the default)
     Below `small_below` (150) rows, the silhouette rule below: prediction strength is
     unreliable on halves of 10-75 points, and on sets of 20-150 photos the silhouette
     clusters better. From `small_below` rows up:
 
-    1. Prediction strength (Tibshirani & Walther 2005), averaged over clusters: take at most
-       `strength_rows` rows, split them at random into halves A and B and fit KMeans(k) on
-       each; for every cluster of A, the fraction of its pairs of points that B's centroids
-       also put together; strength(k) = the mean of those fractions over A's clusters (the
-       paper takes the minimum, too harsh for overlapping photo classes), averaged over
-       `splits` halvings. k = the largest k whose strength reaches `threshold`.
+    1. Prediction strength (Tibshirani & Walther 2005): take at most `strength_rows` rows,
+       split them at random into halves A and B and fit KMeans(k) on each; for every
+       cluster of A, the fraction of its pairs of points that B's centroids also put
+       together; strength(k) = the smallest of those fractions over A's clusters (the
+       paper's definition, `aggregate` "min"), averaged over `splits` halvings. k = the
+       largest k whose strength reaches `threshold` (0.6: the paper's 0.8-0.9 is too harsh
+       for overlapping photo classes). The minimum sees the one cluster a k too large cuts
+       in two; the mean over clusters ("mean", segd's rule before) hardly moves then, and
+       needed the step down below.
     2. No-structure test: the silhouette at k minus the mean silhouette, at the same k, of
        `null_draws` samples of unstructured data like z (at most `null_rows` rows) must
        reach `excess_min` (checked from `test_min_rows` rows up). The reference
@@ -28,11 +31,16 @@ rule "strength" (the default)
        the test.) Unstructured sets give an excess of -0.003..0.005, real collections of
        >= 150 photos >= 0.04. If no k reaches the threshold, or the excess falls short,
        the rows have no cluster structure: k = 1, `structured` False.
-    3. Step down: the mean strength hardly drops when one clean cluster of several is split
-       in two (the others stay perfectly reproducible), so clean clusters come out split.
-       While k - 1 also reaches the threshold and its silhouette is higher than k's by more
-       than `step_down`, k = k - 1. (Overlapping classes have flat silhouettes and keep k;
-       splitting a clean cluster costs 0.1-0.3.)
+    3. Step up: rows with more groups than the largest k tried (20 kinds of photo, k_max
+       10) merge them differently in each half, and only a small k is reproducible. When a
+       larger k's silhouette beats the strength's k's by more than `step_up`, k = the
+       larger k with the best silhouette. (In the study no collection with k_max or fewer
+       groups comes within 0.03 of this.)
+    4. Step down: on small clean clusters (halves of 20-30 points each) a cluster cut in two
+       can still reach the threshold (5 blobs of 40-60 points: k = 6 at 0.64-0.70). While
+       k - 1 also reaches the threshold and its silhouette is higher than k's by more than
+       `step_down`, k = k - 1. (Overlapping classes have flat silhouettes and keep k;
+       splitting a clean cluster costs 0.05-0.3. In the study it changes no choice.)
 
 rule "silhouette"
     The k with the largest silhouette (segd's rule before the study). Biased to small k: it
@@ -45,6 +53,7 @@ raises) without waiting for the whole of it.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -71,7 +80,9 @@ class KSelect:
     silhouette_sample: int = 4000  # rows the silhouette is computed on (it is O(n^2))
     minibatch_above: int = 20_000  # MiniBatchKMeans beyond this many rows
     small_below: int = 150  # rule "strength": the silhouette decides below this many rows
-    threshold: float = 0.8
+    # Over a split's clusters: the least reproducible one ("min") or their mean.
+    aggregate: Literal["min", "mean"] = "min"
+    threshold: float = 0.6
     splits: int = 8
     strength_rows: int = 4000
     # "angular" for centred rows (segd's projection), "gaussian" for raw embeddings.
@@ -82,6 +93,8 @@ class KSelect:
     # Step down from the strength's k while the next smaller k passes too and its silhouette
     # is higher by more than this (None: off).
     step_down: float | None = 0.05
+    # Step up to a larger k whose silhouette is higher by more than this (None: off).
+    step_up: float | None = 0.05
     # The reference silhouette is too noisy on fewer rows: below, only the strength decides
     # (moot while small_below is above it).
     test_min_rows: int = 100
@@ -103,7 +116,9 @@ class KChoice:
     """How far the deciding figure is from that move (>= 0, in its units). Silhouette: the
     best minus the runner-up's. Strength, k > 1: the smaller of strength(k) minus the
     threshold and the threshold minus the strength of the strongest larger k; after a step
-    down, silhouette(k) - silhouette(k + 1) - `step_down` (runner_up k + 1). k = 1: the
+    down, silhouette(k) - silhouette(k + 1) - `step_down` (runner_up k + 1); after a step
+    up, silhouette(k) - silhouette(strength's k) - `step_up` (runner_up the strength's k),
+    and `method` "silhouette". k = 1: the
     threshold minus the strongest k's strength, or `excess_min` minus the excess when the
     no-structure test rejected the strength's k. None when runner_up is None."""
     silhouette: float | None
@@ -145,7 +160,7 @@ def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint) ->
     rng = np.random.default_rng(s.seed)
     zs = z if n <= s.strength_rows else z[rng.choice(n, s.strength_rows, replace=False)]
     scores = prediction_strength(zs, ks, rng, splits=s.splits, n_init=s.n_init, seed=s.seed,
-                                 checkpoint=check)
+                                 aggregate=s.aggregate, checkpoint=check)
     passing = [k for k in ks if scores[k] >= s.threshold]
     if not passing:
         # No k is reproducible enough. Unstructured rows look like that, and so do clearly
@@ -175,6 +190,20 @@ def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint) ->
             return KChoice(k=1, scores=scores, method="strength", runner_up=k,
                            margin=s.excess_min - excess, silhouette=None, excess=excess,
                            structured=False)
+    if s.step_up is not None:
+        for kk in ks:
+            if kk > k:
+                sils[kk] = silhouette_at(kk)
+        up = max((kk for kk in sils if kk > k), key=lambda kk: (sils[kk], -kk), default=None)
+        if up is not None and sils[up] > sils[k] + s.step_up:
+            # The silhouette decided: its figures are the ones the choice stands on.
+            for kk in ks:
+                if kk not in sils:
+                    sils[kk] = silhouette_at(kk)
+            return KChoice(k=up, scores=dict(sorted(sils.items())), method="silhouette",
+                           runner_up=k,
+                           margin=sils[up] - sils[k] - s.step_up, silhouette=sils[up],
+                           excess=excess, structured=True)
     if s.step_down is not None:
         top = k
         while k - 1 in passing:
@@ -218,8 +247,11 @@ def _strength_boundary(scores: dict[int, float], ks: list[int], passing: list[in
 
 def prediction_strength(z: np.ndarray, ks: list[int], rng: np.random.Generator, *,
                         splits: int = 8, n_init: int = 4, seed: int = 0,
+                        aggregate: Literal["min", "mean"] = "min",
                         checkpoint: Checkpoint | None = None) -> dict[int, float]:
-    """Mean over `splits` random halvings of the cluster-averaged prediction strength."""
+    """Mean over `splits` random halvings of the prediction strength: the smallest
+    ("min") or the mean of its clusters' pair agreements."""
+    over = min if aggregate == "min" else statistics.fmean
     check = checkpoint or (lambda: None)
     n = len(z)
     out = {k: 0.0 for k in ks}
@@ -232,7 +264,8 @@ def prediction_strength(z: np.ndarray, ks: list[int], rng: np.random.Generator, 
             check()
             test = KMeans(n_clusters=k, n_init=n_init, random_state=seed + split).fit_predict(a)
             train = KMeans(n_clusters=k, n_init=n_init, random_state=seed + split).fit(b)
-            out[k] += _pair_agreement(test, train.predict(a)) / splits
+            agreements = _pair_agreements(test, train.predict(a))
+            out[k] += (over(agreements) if agreements else 0.0) / splits
     return out
 
 
@@ -276,9 +309,9 @@ def gaussian_reference(z: np.ndarray, rng: np.random.Generator, rows: int) -> np
     return (ref / norms).astype(np.float32)
 
 
-def _pair_agreement(test: np.ndarray, predicted: np.ndarray) -> float:
-    """Mean over test clusters (of >= 2 points) of the fraction of their pairs that
-    `predicted` also puts in one cluster."""
+def _pair_agreements(test: np.ndarray, predicted: np.ndarray) -> list[float]:
+    """For each test cluster (of >= 2 points), the fraction of its pairs that `predicted`
+    also puts in one cluster."""
     per: list[float] = []
     for c in np.unique(test):
         members = predicted[test == c]
@@ -286,7 +319,7 @@ def _pair_agreement(test: np.ndarray, predicted: np.ndarray) -> float:
         if m >= 2:
             counts = np.bincount(members)
             per.append(float((counts * (counts - 1)).sum()) / (m * (m - 1)))
-    return float(np.mean(per)) if per else 0.0
+    return per
 
 
 def _kmeans(k: int, n: int, s: KSelect, seed: int) -> KMeans | MiniBatchKMeans:
