@@ -710,3 +710,31 @@ def test_a_large_refit_reads_the_store_once_and_clusters_as_in_memory(
     truth = np.array([blob_of[int(i)] for i in ids])
     sizes = [len(np.unique(truth[plan.fit.labels == c])) for c in range(4)]
     assert sizes == [1, 1, 1, 1]
+
+
+def test_photos_that_arrive_after_the_fit_are_filed_by_their_embedding(lib: Library) -> None:
+    """Re-filing walks the images without their vectors; a photo the snapshot did not hold
+    (it arrived while the fit ran) has its embedding read and joins its nearest cluster,
+    and one without an embedding stays where it is."""
+    from segd.state.refit import apply_refit, compute_refit
+
+    for blob in ("a", "b", "c"):
+        lib.add_blob(blob)
+    plan = compute_refit(lib.config, FitParams.from_config(lib.config.clustering))
+    assert plan is not None
+    late = [lib.store.add_image(f"{i:064x}", f"late_{i}.jpg", lib.config.inbox / f"late_{i}.jpg",
+                                "pending", embedding=lib.embedding("b")) for i in range(2)]
+    for i, image_id in enumerate(late):
+        (lib.config.inbox / f"late_{i}.jpg").write_bytes(f"late {i}".encode())
+        lib.blob_of[image_id] = "b"
+    bare = lib.config.inbox / "no_vector.jpg"
+    bare.write_bytes(b"not embedded yet")
+    bare_id = lib.store.add_image("0" * 64, bare.name, bare, "pending")
+    report = RefitReport(trigger="test")
+    apply_refit(lib.store, lib.config, plan, report)
+    lib.store.delete_image(bare_id)  # so that the checks below see the filed photos only
+    assert report.sorted_pending == 3 * PER_BLOB + 2
+    assert bare.is_file()
+    assert len(lib.cluster_of_blob()) == 3  # the late ones are in b's cluster
+    assert all(lib.store.get_image(i).state == "sorted" for i in late)  # type: ignore[union-attr]
+    lib.check_disk_agrees()

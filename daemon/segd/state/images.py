@@ -21,6 +21,8 @@ _IMAGE_COLS: Final = (
     "id, sha256, original_name, path, state, cluster_id, distance, embedding, reason, "
     "added_at, updated_at, pinned, file_id, file_size"
 )
+# The same columns, with whether there is an embedding in place of its 5 KiB.
+_IMAGE_COLS_NO_VECTOR: Final = _IMAGE_COLS.replace(" embedding,", " embedding IS NOT NULL,")
 # Filing's fields are images columns of the same names: a field added there is written too.
 _FILING_COLS: Final = tuple(f.name for f in fields(Filing))
 
@@ -42,6 +44,8 @@ class ImageRow:
     pinned: bool = False
     file_id: str | None = None  # st_dev:st_ino at the last library scan
     file_size: int | None = None
+    # Whether the row has an embedding, also when it was read without it (`embedding` None).
+    has_embedding: bool = field(default=False, compare=False)
 
     @property
     def filing(self) -> Filing:
@@ -167,29 +171,34 @@ class ImageTable(Database):
         with self._write(f"delete image {image_id}") as conn:
             conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
 
-    def iter_images(self, state: str | None = None) -> Iterator[ImageRow]:
+    def iter_images(
+        self, state: str | None = None, *, embeddings: bool = True
+    ) -> Iterator[ImageRow]:
         """All images (optionally of one state) in id order, fetched a page at a time.
 
         Pages are separate queries (keyset on id), so no read transaction stays open while the
         caller works; wrap the loop in snapshot() if it must see one consistent state.
+        ``embeddings=False``: rows without their vector (``has_embedding`` says whether there
+        is one), for a walk over every image that needs none: 5 KiB less read per row.
         """
         if state is not None:
             _check_state(state, "iter_images")
+        cols = _IMAGE_COLS if embeddings else _IMAGE_COLS_NO_VECTOR
         last = 0
         while True:
             with self._guard("iterate images") as conn:
                 if state is None:
                     rows = conn.execute(
-                        f"SELECT {_IMAGE_COLS} FROM images WHERE id > ? ORDER BY id LIMIT ?",
+                        f"SELECT {cols} FROM images WHERE id > ? ORDER BY id LIMIT ?",
                         (last, _PAGE_ROWS),
                     ).fetchall()
                 else:
                     rows = conn.execute(
-                        f"SELECT {_IMAGE_COLS} FROM images WHERE state = ? AND id > ? "
+                        f"SELECT {cols} FROM images WHERE state = ? AND id > ? "
                         "ORDER BY id LIMIT ?",
                         (state, last, _PAGE_ROWS),
                     ).fetchall()
-                page = [self._image(r) for r in rows]
+                page = [self._image(r, embeddings) for r in rows]
             yield from page
             if len(rows) < _PAGE_ROWS:
                 return
@@ -203,15 +212,18 @@ class ImageTable(Database):
             rows = conn.execute(
                 "SELECT id, cluster_id FROM images WHERE pinned = 1 ORDER BY id"
             ).fetchall()
-        out = np.full(len(ids), -1, dtype=np.int64)
-        if rows:
-            pinned_ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-            clusters = np.fromiter((r[1] for r in rows), np.int64, len(rows))
-            pos = np.searchsorted(pinned_ids, ids)
-            pos[pos == len(pinned_ids)] = 0
-            hit = pinned_ids[pos] == ids
-            out[hit] = clusters[pos[hit]]
-        return out
+        return _aligned(ids, rows)
+
+    def sorted_clusters(self, ids: np.ndarray) -> np.ndarray:
+        """For each image id in ``ids`` (ascending): the cluster it is sorted into, -1 where
+        it is not sorted (or unknown). Read without the embeddings."""
+        ids = np.asarray(ids, dtype=np.int64)
+        with self._guard("read sorted images") as conn:
+            rows = conn.execute(
+                "SELECT id, cluster_id FROM images WHERE state = 'sorted' "
+                "AND cluster_id IS NOT NULL ORDER BY id"
+            ).fetchall()
+        return _aligned(ids, rows)
 
     def pinned_mask(self, ids: np.ndarray) -> np.ndarray:
         """True where the image of that id is pinned: the rows a refit must not move."""
@@ -361,7 +373,7 @@ class ImageTable(Database):
             return np.empty(0, np.int64), np.empty((0, self._dim), np.float32)
         return np.concatenate(ids), np.concatenate(embs)
 
-    def _image(self, r: tuple[Any, ...]) -> ImageRow:
+    def _image(self, r: tuple[Any, ...], embedding: bool = True) -> ImageRow:
         return ImageRow(
             id=r[0],
             sha256=r[1],
@@ -370,14 +382,28 @@ class ImageTable(Database):
             state=r[4],
             cluster_id=r[5],
             distance=r[6],
-            embedding=self._from_blob(r[7], f"image {r[0]}"),
+            embedding=self._from_blob(r[7], f"image {r[0]}") if embedding else None,
             reason=r[8],
             added_at=r[9],
             updated_at=r[10],
             pinned=bool(r[11]),
             file_id=r[12],
             file_size=r[13],
+            has_embedding=bool(r[7]) if not embedding else r[7] is not None,
         )
+
+
+def _aligned(ids: np.ndarray, rows: list[Any]) -> np.ndarray:
+    """(id, cluster_id) rows in id order, as the cluster of each of ``ids`` (-1: none)."""
+    out = np.full(len(ids), -1, dtype=np.int64)
+    if rows:
+        row_ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        clusters = np.fromiter((r[1] for r in rows), np.int64, len(rows))
+        pos = np.searchsorted(row_ids, ids)
+        pos[pos == len(row_ids)] = 0
+        hit = row_ids[pos] == ids
+        out[hit] = clusters[pos[hit]]
+    return out
 
 
 def _check_state(state: str, what: str) -> None:

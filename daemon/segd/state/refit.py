@@ -252,13 +252,8 @@ def compute_refit(config: Config, params: FitParams,
 
 
 def _sorted_into(reader: Store, ids: np.ndarray) -> np.ndarray:
-    """For each id (ascending): the cluster it is sorted into, -1 where none."""
-    members = np.full(len(ids), FREE, dtype=np.int64)
-    for image in reader.iter_images(state="sorted"):
-        pos = int(np.searchsorted(ids, image.id))
-        if pos < len(ids) and ids[pos] == image.id and image.cluster_id is not None:
-            members[pos] = image.cluster_id
-    return members
+    """For each id (ascending): the cluster it is sorted into, -1 (FREE) where none."""
+    return reader.sorted_clusters(ids)
 
 
 def _index_of(cluster_ids: np.ndarray, per_row: np.ndarray) -> np.ndarray:
@@ -354,15 +349,18 @@ def _stays(cluster: ClusterRow, pinned_in: set[int]) -> bool:
 
 
 def _pinned_clusters(store: Store) -> set[int]:
-    return {int(image.cluster_id) for image in store.iter_images(state="sorted")
+    return {int(image.cluster_id) for image in store.iter_images(state="sorted",
+                                                                 embeddings=False)
             if image.pinned and image.cluster_id is not None}
 
 
-def _targets(plan: RefitPlan, image: ImageRow) -> tuple[int, float] | None:
-    """(centroid index, distance) the plan gives this image; None: it stays where it is.
+def _targets(store: Store, plan: RefitPlan, image: ImageRow) -> tuple[int, float] | None:
+    """(centroid index, distance) the plan gives this image (a row read without its
+    embedding); None: it stays where it is.
 
     Photos the snapshot did not hold (filed meanwhile, or arrived) take the nearest
-    centroid; an update never moves a sorted photo, a pinned one never moves."""
+    centroid, their embedding read then; an update never moves a sorted photo, a pinned
+    one never moves."""
     if image.pinned:
         return None
     if plan.decision.action is Action.UPDATE and image.state == "sorted":
@@ -370,18 +368,21 @@ def _targets(plan: RefitPlan, image: ImageRow) -> tuple[int, float] | None:
     pos = int(np.searchsorted(plan.ids, image.id))
     if pos < len(plan.ids) and plan.ids[pos] == image.id:
         return int(plan.labels[pos]), float(plan.distances[pos])
-    label, dist = assign(image.embedding[None, :], plan.centroids)
+    current = store.get_image(image.id)
+    if current is None or current.embedding is None:
+        return None
+    label, dist = assign(current.embedding[None, :], plan.centroids)
     return int(label[0]), float(dist[0])
 
 
 def _dry_refile(store: Store, config: Config, plan: RefitPlan, targets: dict[int, str | None],
                 report: RefitReport) -> None:
     move_sorted = config.clustering.on_refit == "move"
-    for image in store.iter_images():
-        if image.embedding is None or image.state not in ("sorted", "pending"):
+    for image in store.iter_images(embeddings=False):
+        if not image.has_embedding or image.state not in ("sorted", "pending"):
             continue
         report.pinned += image.pinned
-        target = _targets(plan, image)
+        target = _targets(store, plan, image)
         if target is None:
             continue
         cid = int(plan.cluster_ids[target[0]])
@@ -411,13 +412,13 @@ def _refile(store: Store, config: Config, plan: RefitPlan,
             log.warning("%s", exc)
     moved = pending_sorted = pinned = 0
     plans: list[MovePlan] = []
-    # Plans are collected first (a few fields each; the embeddings are not kept), so the
+    # Plans are collected first (a few fields each; the embeddings are not read), so the
     # moves do not disturb the paged read.
-    for image in store.iter_images():
-        if image.embedding is None or image.state not in ("sorted", "pending"):
+    for image in store.iter_images(embeddings=False):
+        if not image.has_embedding or image.state not in ("sorted", "pending"):
             continue
         pinned += image.pinned
-        found = _targets(plan, image)
+        found = _targets(store, plan, image)
         if found is None:
             continue
         target, distance = int(new_ids[found[0]]), found[1]
