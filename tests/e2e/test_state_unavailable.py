@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
+import re
 import shutil
 import signal
+import sqlite3
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
@@ -226,6 +229,81 @@ def test_state_folder_full_pauses_then_resumes(
         env.daemon.stop(timeout=30)
         summary = env.finish(stop=False)
         assert summary.sorted == 24, summary.describe()
+
+
+def fill_at_once(folder: Path) -> Path:
+    """Take every free page of `folder`'s filesystem in one call (posix_fallocate on tmpfs
+    allocates them all or none): fast enough to land between two commits of a batch."""
+    ballast = folder / "ballast.bin"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        for _ in range(100):  # the daemon may take a page between statvfs and the call
+            st = os.statvfs(folder)
+            try:
+                os.posix_fallocate(fd, 0, max(st.f_bavail - 1, 1) * st.f_frsize)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+        os.lseek(fd, 0, os.SEEK_END)
+        with contextlib.suppress(OSError):  # the last page or two
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+    return ballast
+
+
+MAX_FILL_ROUNDS = 8
+
+
+@slow
+def test_state_folder_fills_inside_a_journaled_batch(
+        make_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
+    """The fault lands where the journal matters: each round drops 4 photos, watches the
+    store for the batch's journal rows (committed before any file is touched) and fills
+    the state folder the moment they appear, so the commit that closes them fails with
+    the files already placed. At the resume every such move must be settled (one line
+    each, as at start-up, and the resume line's count), and the invariant hold with the
+    daemon still running: no open journal row, every photo once, rows matching the disk.
+    Rounds go on (up to 8) until one leaves journal rows open at the pause."""
+    env, _ = make_env()
+    state = env.folders.state_dir
+    with tmpfs(state, "16m"):
+        env.daemon.start(timeout=120)
+        env.seed(12)
+        reader = sqlite3.connect(f"{(state / 'segd.db').as_uri()}?mode=ro", uri=True,
+                                 isolation_level=None, check_same_thread=False)
+        rounds: list[tuple[int, int]] = []  # (journal rows open at the pause, settled)
+        try:
+            while len(rounds) < MAX_FILL_ROUNDS and not any(o for o, _ in rounds):
+                mark = len(env.daemon.log())
+                env.copy(photos()[12 + 4 * len(rounds):16 + 4 * len(rounds)],
+                         f"r{len(rounds)}_")
+                wait_until(lambda: reader.execute("SELECT count(*) FROM moves").fetchone()[0],
+                           60, "the batch's journal rows", interval=0.001)
+                ballast = fill_at_once(state)
+                wait_until(lambda: _paused(env), 60, "the pause",
+                           on_timeout=env.daemon.log_tail)
+                open_rows = env.pending_moves()
+                ballast.unlink()
+                resumed = env.daemon.wait_for_log(
+                    r"takes commits again .*; (\d+) interrupted move\(s\) settled",
+                    timeout=60, start=mark)
+                settled = int(resumed.group(1))
+                env.tree.wait_drained(len(env.ledger), 60, env.daemon)
+                wait_until(lambda: not _paused(env), 30, "the daemon to stay resumed")
+                since = env.daemon.log()[mark:]
+                assert settled == open_rows, (open_rows, settled, since)
+                assert len(re.findall("recovered interrupted move", since)) == settled, since
+                summary = env.check()  # while running: no open journal row allowed
+                rounds.append((open_rows, settled))
+        finally:
+            reader.close()
+        print(f"[fill rounds] (open at the pause, settled): {rounds}; {summary.describe()}")
+        assert any(o for o, _ in rounds), f"no fill in {len(rounds)} rounds landed inside a batch"
+        env.daemon.stop(timeout=30)
+        env.finish(stop=False)
 
 
 @slow
