@@ -429,3 +429,21 @@ def test_two_sorts_of_one_folder_at_once_share_the_stat_index_then_a_third_reads
     assert f"{N} embeddings from the cache" in out
     assert f"{N} files known by their stat, 0 read and hashed" in err
     assert manifest(tmp_path / "d3") == manifest(tmp_path / "d1") == manifest(tmp_path / "d2")
+
+
+def test_once_the_clustering_stack_has_loaded_the_collector_leaves_it_alone(
+        src: Path, tmp_path: Path) -> None:
+    """Frozen (gc.freeze): neither later collections nor the interpreter's exit walk the
+    stack's objects again (docs/benchmarks.md, section 2b)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": {"gpu": "off"},
+                                      "state_dir": str(tmp_path / "state")}))
+    driver = ("import gc, sys; from segd.cli import main; code = main(sys.argv[1:]); "
+              "print('frozen', gc.get_freeze_count()); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", driver, "sort", str(src), str(tmp_path / "d"),
+                           "--config", str(config), "--no-progress", "--k", "3"],
+                          env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg")),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    frozen = int(done.stdout.rsplit("frozen ", 1)[1])
+    assert frozen > 50_000  # scikit-learn and SciPy alone leave a few hundred thousand
