@@ -11,10 +11,11 @@ embed: `segd sort` on the distinct five of clothing10 (or --data), gpu off, --no
   the local engine's is). Peak RSS is the driver's alone (Ray's workers are other processes).
 cluster: the driver's clustering step as --engine ray runs it: core.cluster.fit_stream over
   shard files (the real format, 2000 rows each) of n synthetic embeddings (10 Gaussian blobs
-  on the unit sphere, L2-normalised, --dim), k chosen 2..10 by the silhouette, default
-  config; the final fit as sklearn (MiniBatchKMeans, as below 100,000 rows), subset-then-
-  refine in numpy (the default above 100,000 rows) and subset-then-refine with FAISS. Each
-  in a fresh child: wall time, peak RSS (os.wait4), ARI against the blobs.
+  on the unit sphere, L2-normalised, --dim), k chosen 2..10 by the configured rule, default
+  config; "sklearn": every row projected and clustered (MiniBatchKMeans, as at and below
+  100,000 rows); "numpy" and "faiss": the fit decided on a 20,000-row sample (its KMeans
+  core.kmeans_large's, refined in numpy or FAISS) and applied in one pass, as above 100,000
+  rows. Each in a fresh child: wall time, peak RSS (os.wait4), ARI against the blobs.
 final: the final fit alone on (n, 32) projected rows (10 blobs, --noise): sklearn KMeans and
   MiniBatchKMeans (n_init 4), FAISS KMeans from random starts, and subset-then-refine
   (numpy, FAISS). One BLAS/OpenMP thread, OMP_WAIT_POLICY=PASSIVE, as in a fit.

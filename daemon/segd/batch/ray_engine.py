@@ -6,8 +6,8 @@ What runs where (docs/scale.md):
     shard at a time, writing a shard file under DEST. Shards already on disk for the same
     model and input are skipped, so a killed driver resumes where it stopped.
   * driver: streams the shard files into core.cluster.fit_stream (projection and k chosen on
-    a sample; above 100,000 rows the final fit is the subset-then-refine one), then decides
-    every destination name and journals the plan (batch.placement).
+    a sample; above 100,000 rows the whole fit is decided on a sample and applied in one
+    more pass), then decides every destination name and journals the plan (batch.placement).
   * Ray tasks: place slices of the plan; a retried slice duplicates nothing.
 
 Every node must see SRC and DEST at the same paths (a shared filesystem), and have segd
