@@ -205,6 +205,28 @@ def test_a_file_rewritten_with_its_size_and_mtime_kept_is_read_again_not_given_a
     assert reads == []  # filed again under their new stat
 
 
+def test_on_a_filesystem_without_a_true_change_time_every_file_is_read_again(
+        src: Path, tmp_path: Path, embedder: Embedder, settled_now: None,
+        reads: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from segd.batch.known import filesystem_type
+
+    assert filesystem_type(src.stat().st_dev)  # the real one: the index serves it below
+    assert filesystem_type(os.makedev(4095, 1048575)) is None
+    cache = tmp_path / "cache" / "embeddings.sqlite"
+    monkeypatch.setattr(sort_mod, "filesystem_type", lambda device: "vfat")
+    sort(src, tmp_path / "d1", embedder, cache=cache)
+    reads.clear()
+    again = sort(src, tmp_path / "d2", never_built, cache=cache, key=key_of(embedder))
+    assert again.cached == N
+    assert len(reads) == N  # found by content, each file read and hashed
+    monkeypatch.setattr(sort_mod, "filesystem_type", filesystem_type)  # the real one again
+    sort(src, tmp_path / "d3", never_built, cache=cache, key=key_of(embedder))
+    assert len(reads) == 2 * N  # filed under their stat this time
+    reads.clear()
+    assert sort(src, tmp_path / "d4", never_built, cache=cache, key=key_of(embedder)).cached == N
+    assert reads == []
+
+
 def test_a_damaged_cache_is_set_aside_and_the_sort_rebuilds_it(
         src: Path, tmp_path: Path, embedder: Embedder, settled_now: None,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -323,3 +323,11 @@ def test_the_stat_index_shrinks_with_the_cache(path: Path) -> None:
         known = c.known_hashes([(f"/p/{i}.jpg".encode(), STAT) for i in range(400)])
     assert 0 < len(known) < 400
     assert b"/p/0.jpg" not in known and b"/p/399.jpg" in known  # the oldest go first
+
+
+def test_only_filesystems_with_a_true_change_time_are_served_by_stat() -> None:
+    for fstype in ("ext4", "xfs", "btrfs", "tmpfs", "nfs4"):
+        assert cache_mod.keeps_change_time(fstype), fstype
+    # FAT's ctime is the creation time; FUSE and SMB promise nothing; unknown is unknown.
+    for fstype in ("vfat", "msdos", "exfat", "ntfs3", "fuse.sshfs", "cifs", None):
+        assert not cache_mod.keeps_change_time(fstype), fstype

@@ -7,8 +7,10 @@ are embedded afresh and compared (`verify_store`); one disagreement and the stor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -168,6 +170,23 @@ def hash_file(path: Path, limit: int) -> HashedFile | None:
         return None
     return HashedFile(index_path(path), FileStat.of(st), hashlib.sha256(data).hexdigest(),
                       started)
+
+
+@functools.cache
+def filesystem_type(device: int) -> str | None:
+    """The type of the mounted filesystem a file with this st_dev lies on, from
+    /proc/self/mountinfo; None where that cannot be told (not Linux, a btrfs subvolume
+    mounted only through its parent)."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text(errors="replace")
+    except OSError:
+        return None
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == wanted and " - " in line:
+            return line.split(" - ", 1)[1].split(maxsplit=1)[0]
+    return None
 
 
 class StoreReader:

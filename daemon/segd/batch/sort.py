@@ -40,6 +40,7 @@ import numpy as np
 from segd.batch.known import (
     ReuseOptions,
     StoreReader,
+    filesystem_type,
     hash_file,
     open_cache,
     verify_store,
@@ -50,7 +51,13 @@ from segd.core.pipeline import embed_stream
 from segd.media.decode import DecodeOptions, decode_bytes, read_image_file
 from segd.media.embed import Embedder, cpu_count
 from segd.state import fsops
-from segd.state.cache import CacheKey, EmbeddingCache, FileStat, index_path
+from segd.state.cache import (
+    CacheKey,
+    EmbeddingCache,
+    FileStat,
+    index_path,
+    keeps_change_time,
+)
 from segd.views.progress import Progress
 
 if TYPE_CHECKING:
@@ -362,7 +369,9 @@ class _Embedding:
         if self.cache is not None:
             for index in range(lo, hi):
                 with contextlib.suppress(OSError):  # hashing below reports nothing either
-                    stats[index] = FileStat.of(os.stat(self.files[index]))
+                    st = os.stat(self.files[index])
+                    if keeps_change_time(filesystem_type(st.st_dev)):
+                        stats[index] = FileStat.of(st)
             keys = {index: index_path(self.files[index]) for index in stats}
             known = self.cache.known_hashes([(keys[i], st) for i, st in stats.items()])
             shas = {i: known[keys[i]] for i in stats if keys[i] in known}
@@ -373,7 +382,8 @@ class _Embedding:
         hashed = list(pool.map(lambda i: hash_file(self.files[i], limit), todo))
         shas.update((i, h.sha256 if h else None) for i, h in zip(todo, hashed, strict=True))
         if self.cache is not None:
-            self.cache.remember_hashes([h for h in hashed if h is not None])
+            self.cache.remember_hashes([h for h in hashed if h is not None and
+                                        keeps_change_time(filesystem_type(h.stat.device))])
         return shas
 
     def _lookup(self, shas: dict[int, str | None]) -> dict[int, np.ndarray]:

@@ -20,7 +20,9 @@ device) to the sha256 its bytes had, so a re-run stats each file instead of read
 it. Any stat change means a re-hash. A hash is filed only if the file's ctime lay at least
 ``SETTLED_NS`` before its bytes were read: a change within the same timestamp tick as the
 recorded ctime would otherwise keep every field (mtime put back by hand, same size) and hide.
-The vectors stay keyed by content hash; the index only saves finding that hash again.
+It serves only files on filesystems that keep a true change time (`keeps_change_time`):
+FAT's "ctime" is the creation time, and FUSE or SMB mounts promise nothing. The vectors stay
+keyed by content hash; the index only saves finding that hash again.
 
 Bounded: the file's live pages stay under ``max_bytes``; past it the least recently used
 rows are evicted (their pages are reused, so the file stops growing). Using a row touches a
@@ -160,6 +162,18 @@ def settled(stat: FileStat, read_started_ns: int) -> bool:
     """Whether a hash may be filed under `stat`: its ctime lies far enough before the read
     that any later change to the file gets another ctime."""
     return stat.ctime_ns + SETTLED_NS <= read_started_ns
+
+
+# Filesystems that set a file's ctime to the present on every change to its bytes or its
+# times, and let no one set it: the only ones the stat index serves.
+CHANGE_TIME_FILESYSTEMS: Final = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "bcachefs", "tmpfs", "nfs", "nfs4",
+})
+
+
+def keeps_change_time(fstype: str | None) -> bool:
+    """Whether files on a filesystem of this type (None: unknown) may be found by stat."""
+    return fstype in CHANGE_TIME_FILESYSTEMS
 
 
 def index_path(path: str | os.PathLike[str]) -> bytes:
