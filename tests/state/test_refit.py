@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from segd.config import ClusteringConfig, Config, validate
 from segd.core.cluster import FitParams
+from segd.core.errors import StoreError
 from segd.core.filing import Filing
 from segd.state import reconcile
 from segd.state.folders import check_folders_writable
@@ -674,6 +675,12 @@ def test_a_large_refit_reads_the_store_once_and_clusters_as_in_memory(
                 store.delete_image(image_id)
     with open_store(config.db_path, readonly=True) as store:
         ids, x = store.load_embeddings(state=None)
+        np.testing.assert_array_equal(store.ids_with_embeddings(), ids)
+        np.testing.assert_array_equal(store.embeddings_of(ids[[0, 5, 400]], batch_rows=2),
+                                      x[[0, 5, 400]])
+        missing = np.setdiff1d(np.arange(1, ids[-1]), ids)[:1]  # no embedding, or deleted
+        with pytest.raises(StoreError, match="have no embedding"):
+            store.embeddings_of(np.concatenate([ids[:1], missing]))
     assert 500 < len(ids) < 1000
 
     passes: list[int] = []
