@@ -26,6 +26,7 @@ import heapq
 import importlib
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -479,10 +480,26 @@ class _Embedding:
 def _import_clustering() -> object:
     """Import the clustering stack, then, once per process, move every object alive to the
     collector's permanent generation (gc.freeze): the stack's modules live until exit, and
-    unfrozen every later collection and the interpreter's exit walk them again (0.4-0.5 s
-    at exit on a 2-core machine, docs/benchmarks.md)."""
+    unfrozen every later collection and the interpreter's exit walk them again (0.5-0.7 s
+    at exit on a 2-core machine, docs/benchmarks.md).
+
+    scikit-learn imports pandas, where installed, only to learn whether it is there
+    (sklearn.utils.fixes); a sort never hands it a DataFrame, so pandas is held off for the
+    import (0.15-0.4 s), and imported as usual by anything that asks for it later."""
     global _frozen
-    module = importlib.import_module(CLUSTER_MODULE)
+    held_off = "pandas" not in sys.modules
+    if held_off:
+        sys.modules["pandas"] = None  # type: ignore[assignment]  # "import pandas" fails
+    try:
+        module = importlib.import_module(CLUSTER_MODULE)
+    except ImportError:
+        if not held_off:
+            raise
+        sys.modules.pop("pandas", None)
+        module = importlib.import_module(CLUSTER_MODULE)  # a scikit-learn that needs it
+    finally:
+        if held_off and sys.modules.get("pandas", False) is None:
+            del sys.modules["pandas"]
     with _freeze_lock:
         if not _frozen:
             gc.freeze()
