@@ -98,6 +98,9 @@ def real_collections() -> list[Collection]:
         pick(xc, yc, cc, dict.fromkeys(FIVE, 0), rng, "clothing five"),
         Collection("clothing ten", xc, yc, "real"),
         Collection("scenes6", xs, ys, "real"),
+        # More kinds than k_max: a mixed library (bench_stability's 2,000-photo case).
+        Collection("clothing ten + scenes6 (16)", np.concatenate([xc, xs]),
+                   np.concatenate([yc, ys + len(cc)]), "real"),
     ]
     for _ in range(3):
         names = sorted(rng.choice(cc, 3, replace=False).tolist())
@@ -371,7 +374,7 @@ def hybrid_name(small: str, below: int, threshold: float = 0.8) -> str:
 
 # segd's rule as shipped: segd.core.kselect.choose_k with its defaults.
 DEFAULT = ("segd: silhouette below 150, else prediction strength (min over clusters) 0.6, "
-           "steps up and down 0.05, angular reference")
+           "step down 0.05, step up 0.03, angular reference")
 # The first study's strength: the mean over clusters, threshold 0.8, no step down or up.
 MEAN = {"aggregate": "mean", "threshold": 0.8, "step_up": None, "step_down": None}
 # segd's rule after the first study: that strength, stepped down by the silhouette.
@@ -475,6 +478,8 @@ def _guarded(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *,
     if len(ctx.z) < 150 or not ch.structured:
         return ch
     passing = [k for k in kk if ch.scores[k] >= 0.8 and k <= ch.k]
+    if not passing:  # the silhouette decided (no k reproducible): nothing to guard
+        return ch
     sil = {k: ctx.sil(k) for k in passing}
     if local:
         k = ch.k
@@ -569,10 +574,11 @@ def _run(args: tuple[Collection, list[MethodSpec]]) -> list[Row]:
 
 def k_ok(r: Row) -> bool:
     """The acceptance test for one collection: synthetic exact (k = 1 means 'unstructured'),
-    real right or within one (and called structured)."""
+    real right or within one (and called structured); with more classes than k_max, right
+    means as near as the range allows."""
     if r.kind == "synthetic":
         return r.k == r.true_k
-    return r.k != 1 and abs(r.k - r.true_k) <= 1
+    return r.k != 1 and abs(r.k - min(r.true_k, KS[-1])) <= 1
 
 
 @dataclass
