@@ -276,7 +276,7 @@ def reconcile_library(store: Store, config: Config, embed: EmbedFiles | None) ->
     clusters = known_clusters(store)
     # Rows without their embeddings: a library's worth of vectors would not fit in memory;
     # the few a correction needs are read one at a time.
-    rows = {img.id: replace(img, embedding=None) for img in store.iter_images()}
+    rows = {img.id: img for img in store.iter_images(embeddings=False)}
     on_disk = {f.path for f in scan.files}
     images = [KnownImage(r.id, r.path, r.sha256, r.state, r.cluster_id, r.pinned, r.file_id,
                          r.file_size,

@@ -117,7 +117,7 @@ def check_unchanged(store: Store, config: Config, point: RefitPoint,
         image = store.get_image(m.image_id) if m.image_id is not None else None
         affected |= {c for c in (m.before.cluster_id, image and image.cluster_id)
                      if c is not None}
-    for img in store.iter_images():
+    for img in store.iter_images(embeddings=False):
         if img.id in moved_ids or img.cluster_id not in affected:
             continue
         if img.added_at > finished:
@@ -138,7 +138,7 @@ def _library_changes(store: Store, config: Config) -> list[str]:
     on_disk = {f.path for f in scan.files}
     images = [KnownImage(r.id, r.path, r.sha256, r.state, r.cluster_id, r.pinned, r.file_id,
                          r.file_size, present=r.path in on_disk or os.path.lexists(r.path))
-              for r in store.iter_images()]
+              for r in store.iter_images(embeddings=False)]
     found = detect(scan, known_clusters(store), images)
     out = []
     if found.renamed:
