@@ -5,7 +5,8 @@ Threads and what they own:
 - intake: the pipeline (decoding on a thread pool, the network on full or flushed batches);
 - filing: assignment and the journaled moves of each embedded batch, in batch order, so the
   network never waits for the disk (at most `FILING_BACKLOG` batches wait between them);
-- refit: fits off the intake path, then swaps the clusters in under `intake_lock`;
+- refit: fits off the intake path, then swaps the clusters in under `intake_lock`
+  (`scheduler.RefitScheduler` decides when, and owns this thread);
 - watcher and control server threads, which only enqueue work or call `handle_control`.
 
 When the state folder cannot take commits (full, read-only, failing), the daemon pauses:
@@ -34,10 +35,8 @@ import numpy as np
 
 from segd.config import Config, parse_config_file
 from segd.core.arrival import ArrivalPlan, plan_arrival
-from segd.core.cluster import FitParams
 from segd.core.errors import ConfigError, FileAccessError, ImageError, SegdError
 from segd.core.pipeline import FLUSH, Embedded, Flush, embed_stream
-from segd.core.refit_policy import Schedule, next_try_at, refit_due
 from segd.core.state_health import StatePause, StateUnavailable, StateUnavailableError, classify
 from segd.core.verdicts import SUSPECT_KINDS, Quarantine, Signature, Suspect, judge
 from segd.core.workqueue import WorkQueue
@@ -45,6 +44,7 @@ from segd.media.decode import DecodeOptions, decode_bytes, read_image_file
 from segd.media.embed import Embedder, cpu_count
 from segd.service import notify
 from segd.service.control import ControlServer
+from segd.service.scheduler import RefitScheduler
 from segd.service.state_guard import look_at_state_dir, probe_state, settle_interrupted
 from segd.service.watcher import InboxWatcher
 from segd.state.folders import check_folders_writable
@@ -52,14 +52,12 @@ from segd.state.lock import StateLock, acquire_state_lock
 from segd.state.mover import MovePlan, SourceChangedError, journaled_moves, recover_moves
 from segd.state.quarantine import quarantine_file
 from segd.state.reconcile import filing_after_move, reconcile, resolve_cluster_folder
-from segd.state.refit import RefitReport, run_refit
 from segd.state.store import Store, open_store
 from segd.state.undo import undo_last_refit
 
 log = logging.getLogger("segd.daemon")
 
 STATUS_EVERY_S = 10.0
-REFIT_RETRY_S = 60.0
 # Embedded batches waiting for the filing thread: two keep the network busy while one batch
 # is filed, and bound how much work a stop (or a crash) leaves unfiled in the inbox.
 FILING_BACKLOG = 2
@@ -93,20 +91,9 @@ class Daemon:
         self.filing: queue.Queue[list[Embedded[Arrival]] | None] = queue.Queue(FILING_BACKLOG)
         self.counters = Counters()
         self.intake_lock = threading.Lock()  # assignment + move vs. the refit swap
-        self.refit_lock = threading.Lock()  # one refit at a time
         self.stopping = threading.Event()
         self.reload_requested = threading.Event()
         self.centroid_ids, self.centroids = store.centroid_matrix()
-        self.last_fit_at = time.time()
-        self.last_fit_n = 0
-        self.refit_thread: threading.Thread | None = None
-        self.refit_retry_at = 0.0  # monotonic time before which a failed refit is not retried
-        # Whether a burst has settled: when images last arrived, and since when the inbox
-        # has not been quiet for settle_s (monotonic); the image count seen at the last tick.
-        self.activity_at = self.unsettled_since = time.monotonic()
-        self.seen_images = -1
-        self.unstructured_n = 0  # n at the last first fit that found no structure (0: none)
-        self.waiting: str | None = None  # why there are no clusters yet, for the status
         self.started_at = time.time()
         self.watcher = InboxWatcher(config.inbox, config.watch, self._on_ready)
         # Files that failed as if still being written, and the timers that re-queue them.
@@ -115,6 +102,7 @@ class Daemon:
         self._suspects_lock = threading.Lock()
         self.state_pause = StatePause(STATE_PROBE_S)
         self._pause_lock = threading.Lock()
+        self.refits = RefitScheduler(self)  # its lock: one refit at a time
         self.decode_opts = DecodeOptions(size=embedder.input_size, resize=config.model.resize,
                                          max_pixels=config.decode.max_pixels)
 
@@ -123,9 +111,10 @@ class Daemon:
     def _on_ready(self, path: Path) -> None:
         self.queue.put(path)
 
-    def fit_params(self, k: int | str | None = None) -> FitParams:
-        params = FitParams.from_config(self.config.clustering)
-        return params if k is None else dataclasses.replace(params, k=k)
+    def clusters_swapped(self) -> None:
+        """A refit's new clusters are in (called under `intake_lock`): file by them."""
+        self.centroid_ids, self.centroids = self.store.centroid_matrix()
+        self.counters.refits += 1
 
     # ---- intake -------------------------------------------------------------------------
 
@@ -210,7 +199,7 @@ class Daemon:
     def _left_in_inbox(self, path: Path, exc: Exception) -> None:
         """One file (or batch) must never stop the daemon: it stays in the inbox and is
         tried again when a rescan finds it (watch.rescan_interval_s)."""
-        if self._state_failed(exc):
+        if self.state_failed(exc):
             log.debug("%s left in the inbox: the state folder cannot take commits", path)
         elif isinstance(exc, FileNotFoundError):
             log.debug("%s vanished before it could be filed", path)
@@ -360,17 +349,12 @@ class Daemon:
             return  # already waiting
         self._record(arrival, embedding, plan.image_id)
         self.counters.pending += 1
-        counts = self.store.count_by_state()
-        c = self.config.clustering
-        why = (self.waiting or f"the first fit waits for the inbox to be quiet for "
-               f"{c.settle_s:g} s") if counts["pending"] >= c.min_images else \
-            f"{counts['pending']} of {c.min_images} images needed for the first fit"
         log.info("pending %s (no clusters yet: %s; it waits in the inbox)", arrival.path.name,
-                 why)
+                 self.refits.first_fit_wait())
 
     # ---- the state folder ---------------------------------------------------------------
 
-    def _state_failed(self, exc: BaseException) -> bool:
+    def state_failed(self, exc: BaseException) -> bool:
         """Whether `exc` says the state folder cannot take commits; the first such failure
         pauses the daemon (one warning, one STATUS=)."""
         reason = classify(exc, self.config.state_dir)
@@ -385,7 +369,7 @@ class Daemon:
             notify.status(self.status_line())
         return True
 
-    def _refuse_while_paused(self, what: str) -> None:
+    def refuse_while_paused(self, what: str) -> None:
         reason = self.state_pause.reason
         if reason is not None:
             raise StateUnavailableError(f"{what} refused: {reason.describe(self.config.state_dir)}"
@@ -397,7 +381,7 @@ class Daemon:
         reason: StateUnavailable | None = probe_state(self.store, self.config.state_dir)
         recovered = 0
         if reason is None:
-            if not self.refit_lock.acquire(blocking=False):
+            if not self.refits.lock.acquire(blocking=False):
                 return  # a refit begun before the pause is still ending: next probe
             try:
                 with self.intake_lock:
@@ -408,7 +392,7 @@ class Daemon:
                 if reason is None:
                     raise
             finally:
-                self.refit_lock.release()
+                self.refits.lock.release()
         with self._pause_lock:
             if reason is not None:
                 self.state_pause.probe_failed(reason, time.monotonic())
@@ -420,112 +404,23 @@ class Daemon:
         notify.status(self.status_line())
         self.watcher.rescan()
 
-    # ---- refit --------------------------------------------------------------------------
-
-    def refit(self, trigger: str, k: int | str | None = None,
-              dry_run: bool = False) -> RefitReport:
-        """Fit off the intake path, then swap in under the intake lock. Blocks until done.
-
-        `k` (on demand): a fixed k the user asked for; the fit then replaces the clusters."""
-        def swapped() -> None:
-            self.centroid_ids, self.centroids = self.store.centroid_matrix()
-            self.last_fit_at = time.time()
-            self.last_fit_n = sum(self.store.count_by_state()[s] for s in ("sorted", "pending"))
-            self.counters.refits += 1
-            self.unstructured_n, self.waiting = 0, None
-
-        with self.refit_lock:
-            self._refuse_while_paused(f"refit ({trigger})")
-            notify.status(f"refitting ({trigger})")
-            try:
-                report = run_refit(self.store, self.config, self.fit_params(k), trigger,
-                                   dry_run=dry_run, swap_lock=self.intake_lock,
-                                   on_swapped=swapped, cancel=self.stopping,
-                                   forced=k is not None)
-            except Exception as exc:
-                if self._state_failed(exc):
-                    self._refuse_while_paused(f"refit ({trigger})")
-                raise
-        log.info("%s", report.summary())
-        if report.outcome == "waiting" and not dry_run:
-            # No structure yet: the photos stay pending; try again after some growth.
-            self.unstructured_n = report.n
-            self.waiting = (f"no structure found in {report.n} images; they wait in the "
-                            f"inbox, next try at {next_try_at(report.n)} images")
-            log.info("no clusters yet: %s", self.waiting)
-            notify.status(self.status_line())
-        return report
-
-    def _note_activity(self, counts: dict[str, int]) -> None:
-        """Track whether the inbox is busy: images being added, or more work queued than
-        the pending photos a rescan hands back (those wait; they are not new)."""
-        now = time.monotonic()
-        total = sum(counts.values())
-        queued = len(self.queue) + self.queue.in_flight
-        if total != self.seen_images or queued > counts["pending"]:
-            if now - self.activity_at >= self.config.clustering.settle_s:
-                self.unsettled_since = now  # a new burst begins
-            self.activity_at = now
-        self.seen_images = total
-
-    def _refit_due(self) -> str | None:
-        counts = self.store.count_by_state()
-        self._note_activity(counts)
-        now = time.monotonic()
-        idle = now - self.activity_at
-        settle = self.config.clustering.settle_s
-        return refit_due(Schedule(
-            n=counts["sorted"] + counts["pending"], live_k=len(self.centroids),
-            last_fit_n=self.last_fit_n, since_fit_s=time.time() - self.last_fit_at,
-            unstructured_n=self.unstructured_n, idle_s=idle,
-            busy_s=now - self.unsettled_since if idle < settle else 0.0),
-            self.config.clustering)
-
-    def _maybe_start_refit(self) -> None:
-        if self.state_pause.paused:
-            return
-        if self.refit_thread is not None and self.refit_thread.is_alive():
-            return
-        if time.monotonic() < self.refit_retry_at:
-            return
-        trigger = self._refit_due()
-        if trigger is None:
-            return
-
-        def run() -> None:
-            try:
-                self.refit(trigger)
-                return
-            except StateUnavailableError:
-                return  # said once when the pause began; refits wait for the resume
-            except (OSError, SegdError) as exc:
-                # The library is full, read-only or otherwise unwritable: expected.
-                log.warning("refit (%s) could not be applied: %s; the old clusters stay in "
-                            "use, retrying in %.0f s", trigger, exc, REFIT_RETRY_S)
-            except Exception:
-                log.exception("refit (%s) failed; the old clusters stay in use", trigger)
-            self.refit_retry_at = time.monotonic() + REFIT_RETRY_S  # no tight retry loop
-
-        self.refit_thread = threading.Thread(target=run, name="segd-refit", daemon=True)
-        self.refit_thread.start()
-
     # ---- control ------------------------------------------------------------------------
 
     def handle_control(self, message: dict[str, Any]) -> dict[str, Any]:
         if message["cmd"] == "status":
             return {"ok": True, "status": self.live_status()}
         if message["cmd"] == "refit":
-            report = self.refit("on demand", k=message.get("k"),
-                                dry_run=bool(message.get("dry_run")))
+            report = self.refits.refit("on demand", k=message.get("k"),
+                                       dry_run=bool(message.get("dry_run")))
             return {"ok": True, "refit": report.to_dict(), "summary": report.summary()}
         if message["cmd"] == "undo":
-            with self.refit_lock, self.intake_lock:  # no refit, no filing meanwhile
-                self._refuse_while_paused("undo")
+            with self.refits.lock, self.intake_lock:  # no refit, no filing meanwhile
+                self.refuse_while_paused("undo")
                 try:
                     undone = undo_last_refit(self.store, self.config)
                 except Exception as exc:
-                    if self._state_failed(exc):
-                        self._refuse_while_paused("undo")
+                    if self.state_failed(exc):
+                        self.refuse_while_paused("undo")
                     raise
                 finally:
                     self.centroid_ids, self.centroids = self.store.centroid_matrix()
@@ -549,8 +444,8 @@ class Daemon:
             "watch_mode": self.watcher.mode,
             "queue_depth": len(self.queue),
             "in_flight": self.queue.in_flight,
-            "refit_running": self.refit_lock.locked(),
-            "clusters_waiting": self.waiting,  # why there are no clusters yet (None: there are)
+            "refit_running": self.refits.lock.locked(),
+            "clusters_waiting": self.refits.waiting,  # why no clusters yet (None: there are)
             "state_unavailable": state,  # why nothing is filed now (None: the store commits)
             "this_run": dataclasses.asdict(self.counters),
         }
@@ -567,8 +462,9 @@ class Daemon:
     def _counts_line(self) -> str:
         counts = self.store.count_by_state()
         device = "GPU" if self.embedder.report.on_gpu else "CPU"
-        clusters = f"{len(self.centroids)} clusters" if self.waiting is None else \
-            f"no clusters yet ({self.waiting})"
+        waiting = self.refits.waiting
+        clusters = f"{len(self.centroids)} clusters" if waiting is None else \
+            f"no clusters yet ({waiting})"
         return (f"{counts['sorted']} sorted, {counts['pending']} pending, "
                 f"{counts['quarantined']} quarantined, queue {len(self.queue)}, "
                 f"{clusters}, on {device}")
@@ -626,7 +522,7 @@ class Daemon:
                 self.reload()
             if self.state_pause.probe_due(time.monotonic()):
                 self._try_resume()
-            self._maybe_start_refit()
+            self.refits.maybe_start()
             if time.monotonic() - last_status >= STATUS_EVERY_S:
                 last_status = time.monotonic()
                 notify.status(self.status_line())
@@ -636,10 +532,7 @@ class Daemon:
         self.queue.close()
         intake.join()
         filing.join()
-        if self.refit_thread is not None:
-            # A fit polls `stopping` between its steps and gives up, so this waits for one
-            # step; an apply already under way finishes (its moves are journaled).
-            self.refit_thread.join()
+        self.refits.join()
         log.info("stopped; %s", self.status_line())
         return 0
 
@@ -663,7 +556,7 @@ def run_daemon(config: Config) -> int:
         daemon = Daemon(config, embedder, store)
         last = store.last_fit()
         if last is not None:
-            daemon.last_fit_at, daemon.last_fit_n = last.at, last.n
+            daemon.refits.last_fit_at, daemon.refits.last_fit_n = last.at, last.n
         control = ControlServer(config.socket_path, daemon.handle_control)
         control.start()
         _install_signals(daemon)
