@@ -261,9 +261,10 @@ MAX_FILL_ROUNDS = 8
 def test_state_folder_fills_inside_a_journaled_batch(
         make_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
     """The fault lands where the journal matters: each round drops 4 photos, watches the
-    store for the batch's journal rows (committed before any file is touched) and fills
-    the state folder the moment they appear, so the commit that closes them fails with
-    the files already placed. At the resume every such move must be settled (one line
+    store for the batch's journal rows (committed before any file is touched), stops the
+    daemon (SIGSTOP) the moment they appear, fills the state folder and lets it go on
+    (SIGCONT), so the commit that closes them fails with the files already placed (a batch
+    that closed before the stop landed makes the round a miss). At the resume every such move must be settled (one line
     each, as at start-up, and the resume line's count), and the invariant hold with the
     daemon still running: no open journal row, every photo once, rows matching the disk.
     Rounds go on (up to 8) until one leaves journal rows open at the pause."""
@@ -275,16 +276,33 @@ def test_state_folder_fills_inside_a_journaled_batch(
         reader = sqlite3.connect(f"{(state / 'segd.db').as_uri()}?mode=ro", uri=True,
                                  isolation_level=None, check_same_thread=False)
         rounds: list[tuple[int, int]] = []  # (journal rows open at the pause, settled)
+
+        def journal_rows() -> int:
+            return int(reader.execute("SELECT count(*) FROM moves").fetchone()[0])
+
+        def drained() -> bool:
+            inbox, _, _ = env.tree.counts()
+            return inbox == 0 and env.filed() >= len(env.ledger)
         try:
             while len(rounds) < MAX_FILL_ROUNDS and not any(o for o, _ in rounds):
                 mark = len(env.daemon.log())
                 env.copy(photos()[12 + 4 * len(rounds):16 + 4 * len(rounds)],
                          f"r{len(rounds)}_")
-                wait_until(lambda: reader.execute("SELECT count(*) FROM moves").fetchone()[0],
-                           60, "the batch's journal rows", interval=0.001)
-                ballast = fill_at_once(state)
-                wait_until(lambda: _paused(env), 60, "the pause",
+                wait_until(journal_rows, 60, "the batch's journal rows", interval=0.001)
+                # Held by a real SIGSTOP between its journal commit and the next, the daemon
+                # cannot close the batch while the folder fills.
+                env.daemon.signal(signal.SIGSTOP)
+                try:
+                    ballast = fill_at_once(state)
+                finally:
+                    env.daemon.signal(signal.SIGCONT)
+                wait_until(lambda: _paused(env) or (not journal_rows() and drained()), 60,
+                           "the pause, or the batch closed before the stop",
                            on_timeout=env.daemon.log_tail)
+                if not _paused(env):  # closed before the stop landed: the round missed
+                    ballast.unlink()
+                    rounds.append((0, 0))
+                    continue
                 open_rows = env.pending_moves()
                 ballast.unlink()
                 resumed = env.daemon.wait_for_log(
