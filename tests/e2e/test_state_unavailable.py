@@ -264,10 +264,11 @@ def test_state_folder_fills_inside_a_journaled_batch(
     store for the batch's journal rows (committed before any file is touched), stops the
     daemon (SIGSTOP) the moment they appear, fills the state folder and lets it go on
     (SIGCONT), so the commit that closes them fails with the files already placed (a batch
-    that closed before the stop landed makes the round a miss). At the resume every such move must be settled (one line
-    each, as at start-up, and the resume line's count), and the invariant hold with the
-    daemon still running: no open journal row, every photo once, rows matching the disk.
-    Rounds go on (up to 8) until one leaves journal rows open at the pause."""
+    that closed before the stop landed makes the round a miss). At the resume every such
+    move must be settled (one line each, as at start-up, and the resume line's count), and
+    the invariant hold with the daemon still running: no open journal row, every photo
+    once, rows matching the disk. Rounds go on (up to 8) until one leaves journal rows open
+    at the pause."""
     env, _ = make_env()
     state = env.folders.state_dir
     with tmpfs(state, "16m"):
