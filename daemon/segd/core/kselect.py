@@ -4,7 +4,7 @@ Pure numpy / scikit-learn. The rows `z` are the points clustering runs on (segd:
 projection of the L2-normalised embeddings, re-normalised; a random subset of at most
 `cluster.SELECTION_SAMPLE`). The rules and their settings come from the k study
 (bench/bench_k.py, docs/quality.md "Choosing k across collections"), which chose them by
-their worst and mean results over 82 labelled collections.
+their worst and mean results over 83 labelled collections.
 
 rule "strength" (the default)
     Below `small_below` (150) rows, the silhouette rule below: prediction strength is
@@ -29,8 +29,10 @@ rule "strength" (the default)
        mean and covariance, re-normalised, "gaussian", is right only for a round blob: an
        elongated one re-normalises into two caps, which that reference lacks, and passed
        the test.) Unstructured sets give an excess of -0.003..0.005, real collections of
-       >= 150 photos >= 0.04. If no k reaches the threshold, or the excess falls short,
-       the rows have no cluster structure: k = 1, `structured` False.
+       >= 150 photos >= 0.04. If the excess falls short, the rows have no cluster
+       structure: k = 1, `structured` False. If no k reaches the threshold, the test is
+       run on the silhouette's choice instead (clean groups more numerous than k_max look
+       irreproducible at every k) and decides between that choice and k = 1.
     3. Step up: rows with more groups than the largest k tried (16 or 20 kinds of photo,
        k_max 10) merge them differently in each half, and only a small k is reproducible.
        The silhouette, biased to small k, is trusted upwards: when a larger k's silhouette
