@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 from daemon_harness import photos, segd_cli, status_json, wait_until
 from notify_listener import Notification, NotifyListener
-from reliability_env import Env, remount, tmpfs
+from reliability_env import Env, fill_up, remount, tmpfs
 
 from segd.service.daemon import STATE_PROBE_S
 
@@ -63,20 +63,6 @@ def make_env(tmp_path: Path) -> Iterator[Callable[..., tuple[Env, NotifyListener
         print(f"\n==== {env.root}: {env.tree.describe()}\n==== notifications\n"
               f"{listener.describe()}")
         print(env.daemon.log_tail(80))
-
-
-def ballast_file(folder: Path) -> Path:
-    """A file that takes every free page of `folder`'s filesystem, written unbuffered (a
-    buffered writer would fail again at close with what it still holds)."""
-    ballast = folder / "ballast.bin"
-    with open(ballast, "wb", buffering=0) as fh:
-        for size in (1 << 20, 4096, 1):
-            block = b"\0" * size
-            with contextlib.suppress(OSError):
-                while True:
-                    fh.write(block)
-    assert os.statvfs(folder).f_bavail == 0, "the ballast left room"
-    return ballast
 
 
 class OpenWatch:
@@ -184,7 +170,7 @@ def test_state_folder_full_pauses_then_resumes(
     with tmpfs(state, "16m"):
         env.daemon.start(timeout=120)
         env.seed(12)
-        ballast = ballast_file(state)
+        ballast = fill_up(state, "ballast.bin")
         mark, notes = len(env.daemon.log()), len(listener.snapshot())
         dropped = env.copy(photos()[12:24], "full_")
 

@@ -5,15 +5,13 @@ of space, then settled once the space is back."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_env import remount, tmpfs
+from reliability_env import fill_up, remount, tmpfs
 
 from segd.config import load_config
 from segd.core.errors import StoreError
@@ -30,19 +28,6 @@ from segd.state.mover import MovePlan, journaled_moves
 from segd.state.store import Store, open_store
 
 
-def ballast_file(folder: Path) -> Path:
-    """Take every free page of the filesystem (unbuffered: nothing left to fail at close)."""
-    ballast = folder / "ballast.bin"
-    with open(ballast, "wb", buffering=0) as fh:
-        for size in (1 << 20, 4096, 1):
-            block = b"\0" * size
-            with contextlib.suppress(OSError):
-                while True:
-                    fh.write(block)
-    assert os.statvfs(folder).f_bavail == 0
-    return ballast
-
-
 @pytest.fixture
 def state(tmp_path: Path) -> Iterator[Path]:
     with tmpfs(tmp_path / "state", "4m") as path:
@@ -53,7 +38,7 @@ def test_probe_full_read_only_and_back(state: Path) -> None:
     """The probe (writes) and the look at the start (statvfs only) agree on each state."""
     assert probe_state_dir(state) is None and look_at_state_dir(state) is None
     assert not (state / PROBE_NAME).exists()
-    ballast = ballast_file(state)
+    ballast = fill_up(state, "ballast.bin")
     for found in (probe_state_dir(state), look_at_state_dir(state)):
         assert found is not None and found.kind == "full", found
     assert not (state / PROBE_NAME).exists()
@@ -107,7 +92,7 @@ def test_a_failed_closing_commit_is_settled_after_the_pause(
         real_finish = store.finish_moves
 
         def finish_on_a_full_disk(moves: list[tuple[int, Filing | None]]) -> None:
-            ballast.append(ballast_file(state))  # the disk fills at exactly this moment
+            ballast.append(fill_up(state, "ballast.bin"))  # the disk fills at exactly this moment
             real_finish(moves)
 
         monkeypatch.setattr(store, "finish_moves", finish_on_a_full_disk)

@@ -119,17 +119,17 @@ def remount(path: Path, mode: str) -> None:
     assert done.returncode == 0, f"remount {mode} {path} failed: {done.stderr}"
 
 
-def fill_up(folder: Path) -> Path:
-    """Write a filler file into `folder` until the filesystem is full; return it."""
-    filler = folder / "filler.bin"
-    chunk = b"\0" * 65536
-    with open(filler, "wb") as fh:
-        try:
-            while True:
-                fh.write(chunk)
-                fh.flush()
-        except OSError:
-            pass
+def fill_up(folder: Path, name: str = "filler.bin") -> Path:
+    """A file in `folder` that takes every free page of its filesystem; return it. Written
+    unbuffered: a buffered writer would fail again at close with what it still holds."""
+    filler = folder / name
+    with open(filler, "wb", buffering=0) as fh:
+        for size in (1 << 20, 4096, 1):
+            block = b"\0" * size
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(block)
+    assert os.statvfs(folder).f_bavail == 0, "the filler left room"
     return filler
 
 
