@@ -172,18 +172,8 @@ def _fit_stream(read_chunks: ChunkSource, n: int, params: FitParams,
     if len(z) != n:
         raise ValueError(f"the chunk source gave {len(z)} rows, expected {n}")
 
-    ks = candidate_ks(n, params)
-    choice: kselect.KChoice | None = None
-    if params.k == "auto" and ks:
-        def checkpoint() -> None:
-            if should_stop():
-                raise FitCancelled
-
-        choice = kselect.choose_k(z[_subset(rng, n, SELECTION_SAMPLE)], ks,
-                                  _kselect_settings(params), checkpoint)
-        k = choice.k
-    else:
-        k = ks[0] if ks else 1
+    k, choice = _choose_k(lambda: z[_subset(rng, n, SELECTION_SAMPLE)], n, params,
+                          should_stop)
 
     if should_stop():
         raise FitCancelled
@@ -224,17 +214,7 @@ def _fit_sampled(read_chunks: ChunkSource, n: int, params: FitParams,
     # In blocks: no second (FIT_SAMPLE, d) temporary beside the sample.
     z = np.concatenate([projection.apply(block) for block in chunked(x, _COVARIANCE_BLOCK)])
     phases.end("projection")
-    ks = candidate_ks(n, params)
-    choice: kselect.KChoice | None = None
-    if params.k == "auto" and ks:
-        def checkpoint() -> None:
-            if should_stop():
-                raise FitCancelled
-
-        choice = kselect.choose_k(z, ks, _kselect_settings(params), checkpoint)
-        k = choice.k
-    else:
-        k = ks[0] if ks else 1
+    k, choice = _choose_k(lambda: z, n, params, should_stop)
     phases.end("k")
     if should_stop():
         raise FitCancelled
@@ -301,6 +281,22 @@ def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
         onehot = (labels[i:i + _COVARIANCE_BLOCK, None] == np.arange(k)).astype(np.float64)
         sums += onehot.T @ np.asarray(x[i:i + _COVARIANCE_BLOCK], dtype=np.float64)
     return sums
+
+
+def _choose_k(rows: Callable[[], np.ndarray], n: int, params: FitParams,
+              should_stop: Callable[[], bool]) -> tuple[int, kselect.KChoice | None]:
+    """k and how it was chosen (None: given, not chosen); `rows` is called only when k is
+    chosen (the rows to choose on: the projected subset)."""
+    ks = candidate_ks(n, params)
+    if params.k != "auto" or not ks:
+        return (ks[0] if ks else 1), None
+
+    def checkpoint() -> None:
+        if should_stop():
+            raise FitCancelled
+
+    choice = kselect.choose_k(rows(), ks, _kselect_settings(params), checkpoint)
+    return choice.k, choice
 
 
 def _kselect_settings(params: FitParams) -> kselect.KSelect:
