@@ -262,6 +262,35 @@ def test_remove_if_unchanged_refuses_a_replaced_file(tmp_path: Path) -> None:
     assert path.read_bytes() == b"data"
 
 
+def test_remove_if_unchanged_spares_a_file_that_replaced_it_after_the_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer strikes between the check and the removal (here: just before the name is
+    taken away): the newer file keeps its name and its bytes, only the checked one goes."""
+    path = write(tmp_path / "f.jpg", b"the photo read")
+    before = os.lstat(path)
+    real_rename = os.rename
+
+    def writer_strikes_first(src: Path, dst: Path) -> None:
+        if Path(src) == path:
+            replacement = write(tmp_path / "next.jpg", b"a newer photo")
+            real_rename(replacement, path)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(fsops.os, "rename", writer_strikes_first)
+    assert fsops.remove_if_unchanged(path, before) is False
+    assert path.read_bytes() == b"a newer photo"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.jpg"]  # no private name left
+
+
+def test_remove_if_unchanged_gives_a_replacement_the_next_free_name(tmp_path: Path) -> None:
+    """A private name still holding a replacement, and the name taken again meanwhile."""
+    path = write(tmp_path / "f.jpg", b"newest")
+    hidden = write(fsops.hidden_name(path), b"newer")
+    assert fsops.give_back(hidden, path) == tmp_path / "f (2).jpg"
+    assert path.read_bytes() == b"newest" and (tmp_path / "f (2).jpg").read_bytes() == b"newer"
+    assert not hidden.exists()
+
+
 def test_remove_if_unchanged_refuses_a_rewritten_file(tmp_path: Path) -> None:
     path = write(tmp_path / "f", b"data")
     before = os.lstat(path)

@@ -326,6 +326,11 @@ def crash(store: Store, tmp_path: Path) -> dict[str, Any]:
     return {"id": image_id, "src": src, "dst": dst, "folder": folder}
 
 
+def write_file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def journal(store: Store, c: dict[str, Any], tmp: bool = False) -> MoveRow:
     tmp_path = c["folder"] / f"{fsops.TMP_PREFIX}{c['id']}" if tmp else None
     store.begin_move(c["id"], c["src"], c["dst"], tmp_path)
@@ -374,6 +379,51 @@ def test_recover_both_present_full_copy_completes(store: Store,
     shutil.copy(crash["src"], crash["dst"])
     recover(store)
     assert not crash["src"].exists() and crash["dst"].read_bytes() == b"the photo"
+    assert image_path(store, crash["id"]) == crash["dst"]
+
+
+def test_recover_the_source_name_taken_away_but_not_unlinked(store: Store,
+                                                              crash: dict[str, Any]) -> None:
+    """Killed after the link, with the source's name renamed to its private one: ours is
+    placed, so the private name goes."""
+    journal(store, crash)
+    os.link(crash["src"], crash["dst"])
+    os.rename(crash["src"], fsops.hidden_name(crash["src"]))
+    recover(store)
+    assert sorted(p.name for p in crash["src"].parent.iterdir()) == []
+    assert crash["dst"].read_bytes() == b"the photo"
+    assert image_path(store, crash["id"]) == crash["dst"]
+    assert store.pending_moves() == []
+
+
+def test_recover_a_replacement_under_the_private_name_gets_its_name_back(
+        store: Store, crash: dict[str, Any]) -> None:
+    """Killed while the private name held a file that had replaced the source: it is
+    given the source's name back and left for the inbox scan; ours is placed."""
+    journal(store, crash)
+    os.link(crash["src"], crash["dst"])
+    newer = write_file(crash["src"].parent / "next.jpg", b"a newer photo")
+    os.rename(newer, crash["src"])  # replaced after the link...
+    os.rename(crash["src"], fsops.hidden_name(crash["src"]))  # ...then the name taken away
+    recover(store)
+    assert crash["src"].read_bytes() == b"a newer photo"
+    assert sorted(p.name for p in crash["src"].parent.iterdir()) == ["a.jpg"]
+    assert crash["dst"].read_bytes() == b"the photo"
+    assert image_path(store, crash["id"]) == crash["dst"]
+    assert store.pending_moves() == []
+
+
+def test_recover_a_replaced_source_is_not_unlinked(store: Store,
+                                                   crash: dict[str, Any]) -> None:
+    """Across filesystems: dst a complete copy, and the source name now holds another
+    file: that file stays."""
+    journal(store, crash)
+    shutil.copy(crash["src"], crash["dst"])
+    newer = write_file(crash["src"].parent / "next.jpg", b"a newer photo")
+    os.rename(newer, crash["src"])
+    recover(store)
+    assert crash["src"].read_bytes() == b"a newer photo"
+    assert crash["dst"].read_bytes() == b"the photo"
     assert image_path(store, crash["id"]) == crash["dst"]
 
 

@@ -157,18 +157,51 @@ def place_move(src: Path, folder: Path, name: str, tag: str) -> Path:
 
 def remove_if_unchanged(path: Path, expected: os.stat_result, *, sync: bool = True) -> bool:
     """Unlink `path` if it is still the file described by `expected`; True if removed.
-    With sync=False the caller fsyncs the folder (once for many files)."""
+    With sync=False the caller fsyncs the folder (once for many files).
+
+    The name is first renamed to a private one and only that name is unlinked, once it is
+    known to hold `expected`: a file that replaced `path` between the check and an unlink
+    by name would be the one unlinked. A replacement caught that way gets its name back
+    (or the next free one). A crash in between leaves `hidden_name(path)`, which the
+    journal's recovery resolves the same way."""
     try:
         now = os.lstat(path)
     except FileNotFoundError:
         return False
-    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
-            expected.st_dev, expected.st_ino, expected.st_size, expected.st_mtime_ns):
+    if not same_version(now, expected):
         return False
-    os.unlink(path)
+    hidden = hidden_name(path)
+    try:
+        os.rename(path, hidden)
+    except FileNotFoundError:
+        return False
+    removed = same_version(os.lstat(hidden), expected)
+    if removed:
+        os.unlink(hidden)
+    else:
+        give_back(hidden, path)
     if sync:
         fsync_dir(path.parent)
-    return True
+    return removed
+
+
+def same_version(a: os.stat_result, b: os.stat_result) -> bool:
+    """The same file, unchanged: same inode, size and modification time."""
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (
+        b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns)
+
+
+def hidden_name(path: Path) -> Path:
+    """The private name `remove_if_unchanged` takes `path`'s name away under."""
+    return path.with_name(_fit_name(f"{TMP_PREFIX}unlink-{path.name}"))
+
+
+def give_back(hidden: Path, path: Path) -> Path:
+    """Give the file under a private name `path`'s name again, or the next free one,
+    without overwriting anything; return the name it has."""
+    name = link_no_clobber(hidden, path.parent, path.name)
+    hidden.unlink(missing_ok=True)  # gone already where the filesystem had to rename
+    return name
 
 
 def write_csv_new(folder: Path, name: str, header: list[str], rows: list[list[object]]) -> Path:

@@ -41,10 +41,6 @@ class SourceChangedError(Exception):
     """src is no longer the file the move was planned for (replaced or rewritten)."""
 
 
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (
-        b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns)
-
 
 def journaled_moves(store: Store, plans: list[MovePlan]) -> list[Path | Exception]:
     """journaled_move for a batch: the new path of each file, or the error that kept it.
@@ -61,7 +57,7 @@ def journaled_moves(store: Store, plans: list[MovePlan]) -> list[Path | Exceptio
         try:
             fsops.make_dirs(plan.folder)
             before = os.lstat(plan.src)
-            if plan.expected is not None and not _same_file(before, plan.expected):
+            if plan.expected is not None and not fsops.same_version(before, plan.expected):
                 raise SourceChangedError(plan.src)
             if before.st_dev != os.stat(plan.folder).st_dev:
                 results[i] = journaled_move(store, plan)
@@ -116,7 +112,7 @@ def journaled_move(store: Store, plan: MovePlan) -> Path:
     fsops.make_dirs(plan.folder)
     before = os.lstat(plan.src)
     expected = plan.expected
-    if expected is not None and not _same_file(before, expected):
+    if expected is not None and not fsops.same_version(before, expected):
         raise SourceChangedError(plan.src)
     cross_fs = before.st_dev != os.stat(plan.folder).st_dev
     for candidate in fsops.candidate_names(plan.name):
@@ -130,7 +126,7 @@ def journaled_move(store: Store, plan: MovePlan) -> Path:
                 tmp.unlink(missing_ok=True)  # a leftover of an earlier, rolled-back attempt
                 fsops.copy_to_temp(plan.src, plan.folder, tmp.name.removeprefix(
                     fsops.TMP_PREFIX))
-                if expected is not None and not _same_file(os.lstat(plan.src), expected):
+                if expected is not None and not fsops.same_version(os.lstat(plan.src), expected):
                     raise SourceChangedError(plan.src)  # the copy may hold the newer file
                 store.mark_move_copied(move_id)
                 _link_exact(tmp, dst)
@@ -176,7 +172,7 @@ def _check_linked(src: Path, dst: Path, expected: os.stat_result) -> None:
     """The link is made by name: if src was replaced since it was checked, dst is now a
     second name of the newer file. Take that name away again (src keeps the file)."""
     placed = os.lstat(dst)
-    if _same_file(placed, expected):
+    if fsops.same_version(placed, expected):
         return
     try:
         second_name = os.path.samestat(os.lstat(src), placed)
@@ -234,15 +230,31 @@ def _recover_one(store: Store, move: MoveRow, filing_for: FilingFor) -> str:
             _link_exact(move.tmp, move.dst)
             dst_there = True
         move.tmp.unlink(missing_ok=True)
+    hidden = fsops.hidden_name(move.src)
+    if os.path.lexists(hidden):
+        # The source's name was taken away under a private one, not yet unlinked: ours
+        # goes once it is placed; anything else (a file that had replaced the source, or
+        # ours not placed) gets the source's name back.
+        ours = dst_there and (
+            os.path.samestat(os.lstat(hidden), os.lstat(move.dst))
+            or (image is not None and fsops.file_sha256(hidden) == image.sha256))
+        if ours:
+            os.unlink(hidden)
+        else:
+            fsops.give_back(hidden, move.src)
+        fsops.fsync_dir(move.src.parent)
+        src_there = os.path.lexists(move.src)
     if dst_there and src_there:
         same = os.path.samestat(os.lstat(move.src), os.lstat(move.dst))
         if not same and (image is None or fsops.file_sha256(move.dst) != image.sha256):
             # dst is someone else's file that took the name: ours never got there.
             store.finish_move(move.id)
             return "rolled back (destination name taken by another file)"
-        os.unlink(move.src)
-        fsops.fsync_dir(move.src.parent)
-        src_there = False
+        if same or image is None or fsops.file_sha256(move.src) == image.sha256:
+            os.unlink(move.src)
+            fsops.fsync_dir(move.src.parent)
+            src_there = False
+        # else: a newer file under the source's name; it stays for the inbox scan.
     if dst_there:
         fsops.fsync_dir(move.dst.parent)
         stale = store.find_by_path(move.dst)
