@@ -21,7 +21,6 @@ import random
 import socket
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,14 +51,6 @@ def _filed(env: Env) -> int:
                                       if p.is_dir() and not p.is_symlink())]
     reasons = (env.tree.quarantine / "reasons.tsv").exists()
     return sum(len(_takeable(f)) for f in folders) - reasons
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    e = Env(tmp_path / "segd")
-    yield e
-    e.daemon.cleanup()
-    print(e.daemon.log_tail(80))
 
 
 @slow

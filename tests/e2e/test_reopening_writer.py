@@ -8,8 +8,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from daemon_harness import BASE_CONFIG, photos, wait_until
@@ -30,14 +28,6 @@ time.sleep(pause)
 with open(path, "ab") as fh:
     fh.write(data[half:])
 """
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    e = Env(tmp_path / "segd")
-    yield e
-    e.daemon.cleanup()
-    print(e.daemon.log_tail(80))
 
 
 @slow
