@@ -30,6 +30,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -132,6 +133,17 @@ def write_synthetic_shards(dest: Path, n: int, dim: int) -> None:
     np.save(dest / "truth.npy", truth)
 
 
+
+def _run_variant(code: str, variant: str) -> tuple[dict[str, Any], float]:
+    """Run one child's code (FAISS's OpenMP threads told not to spin): its last line of
+    JSON output, and its peak RSS in MiB."""
+    run = benchlib.run_child([sys.executable, "-c", code],
+                             env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    if run.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1]), run.peak_rss_mb
+
+
 def cluster_runs(sizes: list[int], dim: int, variants: list[str]) -> None:
     print(f"machine: {benchlib.machine()}; load {benchlib.load_average()}")
     print(f"{BLOBS} blobs in {dim}-d, shard files of {SHARD_ROWS} rows; default config")
@@ -144,15 +156,11 @@ def cluster_runs(sizes: list[int], dim: int, variants: list[str]) -> None:
                 code = CLUSTER_CHILD.format(bench=str(Path(__file__).resolve().parent),
                                             variant=variant, dest=str(dest), n=n,
                                             rows=SHARD_ROWS)
-                run = benchlib.run_child([sys.executable, "-c", code],
-                                         env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-                if run.returncode != 0:
-                    raise SystemExit(f"{variant} failed:\n{run.stderr[-3000:]}")
-                out = json.loads(run.stdout.strip().splitlines()[-1])
-                rows.append((n, variant, out, run.peak_rss_mb))
+                out, rss = _run_variant(code, variant)
+                rows.append((n, variant, out, rss))
                 print(f"  n={n:>9,} {variant:>7}: fit_stream {out['seconds']:6.1f} s, "
                       f"k={out['k']}, "
-                      f"ARI {out['ari']:.4f}, peak RSS {run.peak_rss_mb:5.0f} MiB", flush=True)
+                      f"ARI {out['ari']:.4f}, peak RSS {rss:5.0f} MiB", flush=True)
     print("\n| n | final fit | fit_stream s | k | ARI | peak RSS MiB | n x d float32 MiB |")
     print("|---|---|---|---|---|---|---|")
     for n, variant, out, rss in rows:
@@ -206,14 +214,10 @@ def final_runs(sizes: list[int], noise: float) -> None:
     for n in sizes:
         for variant in FINAL_VARIANTS:
             code = FINAL_CHILD.format(variant=variant, n=n, seed=SEED, blobs=BLOBS, noise=noise)
-            run = benchlib.run_child([sys.executable, "-c", code],
-                                     env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-            if run.returncode != 0:
-                raise SystemExit(f"{variant} failed:\n{run.stderr[-3000:]}")
-            out = json.loads(run.stdout.strip().splitlines()[-1])
-            rows.append((n, variant, out, run.peak_rss_mb))
+            out, rss = _run_variant(code, variant)
+            rows.append((n, variant, out, rss))
             print(f"  n={n:>9,} {variant:>20}: {out['seconds']:6.2f} s, ARI {out['ari']:.4f}, "
-                  f"peak RSS {run.peak_rss_mb:5.0f} MiB", flush=True)
+                  f"peak RSS {rss:5.0f} MiB", flush=True)
     print("\n| n | final fit | s | ARI | peak RSS MiB |")
     print("|---|---|---|---|---|")
     for n, variant, out, rss in rows:
