@@ -7,6 +7,7 @@ the readiness signal ("watching ... -> ...") and what a failing test prints.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -132,10 +133,31 @@ def python_as(run_as: tuple[int, int], code: str, *args: str,
     if shutil.which("setpriv") is None:
         import pytest
         pytest.skip("util-linux setpriv is not installed")
+    reason = _cannot_import_segd(run_as)
+    if reason:
+        import pytest
+        pytest.skip(reason)
+    return subprocess.Popen([*as_user(run_as), sys.executable, "-c", code, *args], text=True,
+                            env=_env_as_other_user(), cwd="/", **popen)
+
+
+def _env_as_other_user() -> dict[str, str]:
     env = _env()
     env["HOME"] = "/"
-    return subprocess.Popen([*as_user(run_as), sys.executable, "-c", code, *args], text=True,
-                            env=env, cwd="/", **popen)
+    return env
+
+
+@functools.cache
+def _cannot_import_segd(run_as: tuple[int, int]) -> str:
+    """Why that user cannot import segd here ("" if it can): a checkout under a folder
+    closed to other users (mktemp -d makes 0700 folders) hides the package from it."""
+    done = subprocess.run([*as_user(run_as), sys.executable, "-c", "import segd"],
+                          capture_output=True, text=True, env=_env_as_other_user(), cwd="/",
+                          timeout=60)
+    if done.returncode == 0:
+        return ""
+    return (f"uid {run_as[0]} cannot import segd from this checkout (a folder above it is "
+            f"closed to other users?): {done.stderr.strip().splitlines()[-1:]}")
 
 
 class DaemonProcess:
