@@ -144,6 +144,53 @@ def test_a_move_killed_between_link_and_unlink_finishes_on_retry(
     assert files_under(dest) == {f"{e.folder}/{e.name}": contents[e.name] for e in plan}
 
 
+def kill_after_the_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int,
+                        victim: int) -> tuple[Path, list[Path], list[PlanEntry], Path]:
+    """A move of `count` files killed after file `victim` was linked into DEST, before its
+    source's name was taken away."""
+    dest = tmp_path / "dest"
+    sources = make_sources(tmp_path / "src", count)
+    plan = plan_for(dest, sources)
+    journal = tmp_path / "placed.jsonl"
+    crash_on_call(monkeypatch, fsops, "remove_if_unchanged", victim + 1, after=False)
+    with pytest.raises(Killed):
+        placement.place_slice(dest, plan, journal, move=True)
+    monkeypatch.undo()
+    return dest, sources, plan, journal
+
+
+def test_a_move_killed_with_the_source_under_its_private_name_finishes_on_retry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest, sources, plan, journal = kill_after_the_link(tmp_path, monkeypatch, 4, 2)
+    contents = {p.name: p.read_bytes() for p in sources[2:]}
+    contents.update({e.name: (dest / e.folder / e.name).read_bytes() for e in plan[:2]})
+    # What a kill inside remove_if_unchanged leaves: the name taken away, not yet unlinked.
+    os.rename(sources[2], fsops.hidden_name(sources[2]))
+
+    outcomes = placement.place_slice(dest, plan, journal, move=True)
+    assert [o.final for o in outcomes] == [p.name for p in sources]
+    assert sorted((tmp_path / "src").iterdir()) == []  # no private name left behind
+    assert files_under(dest) == {f"{e.folder}/{e.name}": contents[e.name] for e in plan}
+
+
+def test_a_file_that_replaced_the_source_before_the_kill_gets_its_name_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest, sources, plan, journal = kill_after_the_link(tmp_path, monkeypatch, 4, 2)
+    planned = sources[2].read_bytes()
+    # A newer photo renamed over the source between the check and the private rename,
+    # then the kill: the private name holds the newer photo.
+    newer = tmp_path / "newer.jpg"
+    newer.write_bytes(b"a newer photo, same name")
+    os.rename(newer, sources[2])
+    os.rename(sources[2], fsops.hidden_name(sources[2]))
+
+    outcomes = placement.place_slice(dest, plan, journal, move=True)
+    assert [o.final for o in outcomes] == [p.name for p in sources]
+    assert (dest / plan[2].folder / plan[2].name).read_bytes() == planned
+    assert sorted(p.name for p in (tmp_path / "src").iterdir()) == [sources[2].name]
+    assert sources[2].read_bytes() == b"a newer photo, same name"  # kept, where it was
+
+
 def test_a_file_dropped_at_a_planned_name_is_kept_and_a_retry_still_places_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dest = tmp_path / "dest"

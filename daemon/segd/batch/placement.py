@@ -12,7 +12,6 @@ places a file twice nor overwrites one.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import heapq
@@ -225,15 +224,18 @@ def place_entry(dest: Path, entry: PlanEntry, *, move: bool) -> Outcome:
 def _place(folder: Path, entry: PlanEntry, *, move: bool) -> str | None:
     if entry.slot < 1:
         return None  # an unreadable entry that was no regular file when planned: it stays
+    if move:
+        _name_the_source_again(entry)
     for name in itertools.islice(fsops.candidate_names(entry.name), entry.slot - 1, None):
         target = folder / name
         try:
             st = os.lstat(target)
         except FileNotFoundError:
             break
-        if _placed_before(entry, target, st):
-            if move:
-                _finish_move(entry, target)
+        placed, second_name = _placed_before(entry, target, st)
+        if placed:
+            if move and second_name is not None:
+                _finish_move(entry, target, second_name)
             return name
     else:
         raise FileExistsError(f"no free name for {entry.name} in {folder}")
@@ -243,27 +245,41 @@ def _place(folder: Path, entry: PlanEntry, *, move: bool) -> str | None:
     return place(entry.source, folder, name, tag=f"{os.getpid()}-{entry.index}").name
 
 
-def _placed_before(entry: PlanEntry, target: Path, st: os.stat_result) -> bool:
-    """Whether `target` is this entry's file, placed by an attempt that died unjournaled."""
+def _name_the_source_again(entry: PlanEntry) -> None:
+    """A move killed inside `fsops.remove_if_unchanged` leaves the source under its private
+    name: give it its name back, so that the checks below tell the placed file's second name
+    (then unlinked) from a file that had replaced the source (then left in SRC)."""
+    hidden = fsops.hidden_name(entry.source)
+    if os.path.lexists(hidden):
+        fsops.give_back(hidden, entry.source)
+
+
+def _placed_before(entry: PlanEntry, target: Path, st: os.stat_result
+                   ) -> tuple[bool, os.stat_result | None]:
+    """Whether `target` is this entry's file, placed by an attempt that died unjournaled;
+    and the source's stat if the source's name still holds that file (a move to finish)."""
     if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (entry.size,
                                                                         entry.mtime_ns):
-        return False
+        return False, None
     try:
         src = os.lstat(entry.source)
     except FileNotFoundError:
-        return True  # moved, or its source deleted since: the copy is all there is
+        return True, None  # moved, or its source deleted since: the copy is all there is
     if (src.st_dev, src.st_ino) == (st.st_dev, st.st_ino):
-        return True  # linked, the source not yet unlinked
-    return _same_bytes(entry.source, target)
+        return True, src  # linked, the source not yet unlinked
+    if (src.st_size, src.st_mtime_ns) != (entry.size, entry.mtime_ns):
+        # The source's name holds another file now (it replaced the planned one after the
+        # placing began): the planned file can only be the one at `target`.
+        return True, None
+    same = _same_bytes(entry.source, target)
+    return same, src if same else None
 
 
-def _finish_move(entry: PlanEntry, target: Path) -> None:
-    """The file is at `target`; drop the source if it is still there (the crash came
-    between link and unlink)."""
-    with contextlib.suppress(FileNotFoundError):
-        before = os.lstat(entry.source)
-        fsops.fsync_dir(target.parent)
-        fsops.remove_if_unchanged(entry.source, before)
+def _finish_move(entry: PlanEntry, target: Path, source: os.stat_result) -> None:
+    """The file is at `target`; drop the source's name, which still holds it (the crash came
+    between placing and unlinking)."""
+    fsops.fsync_dir(target.parent)
+    fsops.remove_if_unchanged(entry.source, source)
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
