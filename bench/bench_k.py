@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "k-study"
 KS = list(range(2, 11))  # segd's default k range
 FIVE = ("dress", "hat", "pants", "shoes", "t-shirt")
-RESULTS_VERSION = 4
+RESULTS_VERSION = 5
 
 
 # ------------------------------------------------------------------------------------------
@@ -373,15 +373,21 @@ def hybrid_name(small: str, below: int, threshold: float = 0.8) -> str:
 
 
 # segd's rule as shipped: segd.core.kselect.choose_k with its defaults.
-DEFAULT = ("segd: silhouette below 150, else prediction strength (min over clusters) 0.6, "
-           "step down 0.05, step up 0.03, angular reference")
+DEFAULT = ("segd: silhouette below 100, else prediction strength (min over clusters) 0.6, "
+           "step down 0.05, step up 0.03, angular reference (from 150 rows)")
+# The same with the silhouette below 150 rows (and the reference test from 100): segd's rule
+# of the round before.
+BELOW_150 = "segd, silhouette below 150 (the round before)"
+BELOW_150_SETTINGS = {"small_below": 150, "test_min_rows": 100}
 # The first study's strength: the mean over clusters, threshold 0.8, no step down or up.
 MEAN = {"aggregate": "mean", "threshold": 0.8, "step_up": None, "step_down": None}
 # segd's rule after the first study: that strength, stepped down by the silhouette.
 BEFORE = "segd before: silhouette below 150, else mean strength 0.8, step-down 0.05"
-BEFORE_SETTINGS = dict(MEAN, step_down=0.05)
+BEFORE_SETTINGS = dict(MEAN, step_down=0.05, **BELOW_150_SETTINGS)
 # segd's rule at other thresholds, and without each of its steps.
 MIN_THRESHOLDS = (0.5, 0.7)
+# Clusterwise stability (Hennig 2007) in place of the strength.
+JACCARD_THRESHOLDS = (0.6, 0.7, 0.75, 0.8)
 # The study's own rows use the first reference: a Gaussian with z's mean and covariance.
 GAUSS = "gaussian"
 
@@ -412,8 +418,26 @@ def small_methods() -> list[MethodSpec]:
                           "hybrid"))
     out.append(MethodSpec("segd without the step down", "pca32", P(_segd, step_down=None),
                           "hybrid"))
+    out.append(MethodSpec("segd, KMeans n_init 10", "pca32", P(_segd, n_init=10), "hybrid"))
+    out.append(MethodSpec("segd, strength from 64 rows", "pca32", P(_segd, small_below=64),
+                          "hybrid"))
+    out.append(MethodSpec(BELOW_150, "pca32", P(_segd, **BELOW_150_SETTINGS), "hybrid"))
+    out += [MethodSpec(jaccard_name(t), "pca32", P(_jaccard, threshold=t), "hybrid")
+            for t in JACCARD_THRESHOLDS]
     out.append(MethodSpec(DEFAULT, "pca32", _segd, "hybrid"))
     return out
+
+
+def jaccard_name(threshold: float) -> str:
+    return (f"silhouette below 150, else clusterwise Jaccard (Hennig) >= {threshold}, "
+            "angular test")
+
+
+def _jaccard(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *, threshold: float
+             ) -> ks.Choice:
+    if len(ctx.z) < 150:
+        return _as_choice(_memo(ctx, kk, KSelect(rule="silhouette")))
+    return ks.jaccard_with_angular_test(ctx, kk, rng, threshold=threshold)
 
 
 def _note(c: KChoice) -> str:
@@ -769,7 +793,7 @@ def main() -> None:
     table, _ = summary_table(rows)
     print("## Summary (ranked by failures of the k test, then worst, then mean ARI ratio)\n")
     print(table)
-    show = args.show or ["silhouette pca32", BEFORE, DEFAULT]
+    show = args.show or ["silhouette pca32", BEFORE, BELOW_150, DEFAULT]
     print("\n## Per collection: k chosen (ARI at that k); **x** = fails the k test\n")
     print(per_collection_table(rows, list(dict.fromkeys(show))))
     print("\n## Leave one collection out\n")

@@ -29,7 +29,7 @@ from sklearn.metrics import (
     silhouette_score,
 )
 
-from segd.core.kselect import KChoice
+from segd.core.kselect import KChoice, angular_reference
 
 N_INIT = 4
 SIL_SAMPLE = 4000
@@ -352,6 +352,56 @@ def stability(ctx: Ctx, ks: list[int], rng: np.random.Generator, pairs: int = 4,
         return Choice(_argmax(scores), scores)
     ok = [k for k in ks if scores[k] >= threshold]
     return Choice(max(ok) if ok else min(ks), scores)
+
+
+def clusterwise_jaccard(ctx: Ctx, ks: list[int], subsamples: int = 8,
+                        frac: float = 0.8) -> dict[int, float]:
+    """Hennig (2007), clusterwise stability: cluster `subsamples` random 80 % subsamples and,
+    for every cluster of the whole set's clustering, take the Jaccard index of its members
+    in the subsample with the most similar subsample cluster; per k, the least stable
+    cluster's mean over the subsamples (memoised: the rules below share it)."""
+    key = ("clusterwise jaccard", tuple(ks), subsamples, frac)
+    if key in ctx.memo:
+        return ctx.memo[key]  # type: ignore[return-value]
+    z = ctx.z
+    n = len(z)
+    m = max(int(frac * n), 2)
+    rng = np.random.default_rng(0)
+    scores: dict[int, float] = {}
+    for k in ks:
+        full = ctx.labels(k)
+        per = np.zeros(k)
+        for b in range(subsamples):
+            idx = rng.choice(n, m, replace=False)
+            sub = kmeans(z[idx], k, 1 + b).labels_ if k < m else np.zeros(m, int)
+            whole = full[idx]
+            # joint[c, d]: members of whole cluster c in subsample cluster d.
+            joint = np.zeros((k, k))
+            np.add.at(joint, (whole, sub), 1)
+            union = joint.sum(axis=1, keepdims=True) + joint.sum(axis=0, keepdims=True) - joint
+            per += (joint / np.maximum(union, 1)).max(axis=1) / subsamples
+        scores[k] = float(per.min())
+    ctx.memo[key] = scores
+    return scores
+
+
+def jaccard_with_angular_test(ctx: Ctx, ks: list[int], rng: np.random.Generator,
+                              threshold: float = 0.75, excess_min: float = 0.02,
+                              draws: int = 3) -> Choice:
+    """The largest k whose least stable cluster's Jaccard reaches `threshold` (none: the
+    silhouette's k), then segd's no-structure test at that k (silhouette minus the angular
+    central Gaussian's)."""
+    scores = clusterwise_jaccard(ctx, ks)
+    passing = [k for k in ks if scores[k] >= threshold]
+    k = max(passing) if passing else silhouette_k(ctx, ks, rng).k
+    ref = 0.0
+    for d in range(draws):
+        zr = angular_reference(ctx.z, np.random.default_rng(2000 + d), len(ctx.z))
+        ref += silhouette(zr, kmeans(zr, k, d).labels_, d) / draws
+    excess = ctx.sil(k) - ref
+    structured = excess >= excess_min
+    return Choice(k if structured else 1, scores, structured,
+                  note=f"jaccard {scores[k]:.2f}, excess {excess:.3f}")
 
 
 def excess_with_stability(ctx: Ctx, ks: list[int], rng: np.random.Generator,

@@ -142,12 +142,18 @@ def test_deterministic_for_a_seed() -> None:
 
 def test_silhouette_below_small_below_strength_from_it() -> None:
     z, _ = mixture(3, 60, 10.0, seed=2)  # 180 rows
-    below, at = choose_k(z[:149], KS), choose_k(z[:150], KS)
+    below, at = choose_k(z[:99], KS), choose_k(z[:100], KS)
     assert below.method == "silhouette" and at.method == "strength"
-    assert below == choose_k(z[:149], KS, KSelect(rule="silhouette"))
-    assert at == choose_k(z[:150], KS, KSelect(small_below=0))
-    assert choose_k(z[:100], KS, KSelect(small_below=100)).method == "strength"
-    assert choose_k(z[:99], KS, KSelect(small_below=100)).method == "silhouette"
+    assert below == choose_k(z[:99], KS, KSelect(rule="silhouette"))
+    assert at == choose_k(z[:100], KS, KSelect(small_below=0))
+    assert choose_k(z[:150], KS, KSelect(small_below=150)).method == "strength"
+    assert choose_k(z[:149], KS, KSelect(small_below=150)).method == "silhouette"
+
+
+def test_the_no_structure_test_runs_from_test_min_rows() -> None:
+    z, _ = mixture(3, 60, 10.0, seed=2)
+    assert choose_k(z[:149], KS).excess is None
+    assert choose_k(z[:150], KS).excess is not None
 
 
 # --------------------------------------------------------------------------- runner-up, margin
@@ -331,3 +337,17 @@ def test_more_groups_than_k_max_is_structure_not_none() -> None:
 def test_a_blob_is_still_unstructured_when_no_k_is_reproducible() -> None:
     choice = choose_k(blob(600, seed=5), KS)
     assert not choice.structured and choice.k == 1
+
+
+def test_with_no_k_reproducible_and_too_few_rows_for_the_test_the_silhouette_decides() -> None:
+    """Below `test_min_rows` no test can say "no structure", so a strength that finds no
+    reproducible k hands the choice to the silhouette instead of calling the rows one
+    cluster (the study's rules with the strength below 150 rows)."""
+    z = projected(blob(90, seed=5, power=0.0))
+    settings = KSelect(small_below=0, test_min_rows=150)
+    scores = kselect.prediction_strength(z, KS, np.random.default_rng(settings.seed))
+    assert max(scores.values()) < settings.threshold  # nothing passes
+    choice = choose_k(z, KS, settings)
+    assert (choice.k, choice.method, choice.excess) == (
+        choose_k(z, KS, KSelect(rule="silhouette")).k, "silhouette", None)
+    assert choice.structured

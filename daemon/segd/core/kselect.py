@@ -7,8 +7,8 @@ projection of the L2-normalised embeddings, re-normalised; a random subset of at
 their worst and mean results over 83 labelled collections.
 
 rule "strength" (the default)
-    Below `small_below` (150) rows, the silhouette rule below: prediction strength is
-    unreliable on halves of 10-75 points, and on sets of 20-150 photos the silhouette
+    Below `small_below` (100) rows, the silhouette rule below: prediction strength is
+    unreliable on halves of 10-50 points, and on sets of 20-100 photos the silhouette
     clusters better. From `small_below` rows up:
 
     1. Prediction strength (Tibshirani & Walther 2005): take at most `strength_rows` rows,
@@ -22,7 +22,8 @@ rule "strength" (the default)
        needed the step down below.
     2. No-structure test: the silhouette at k minus the mean silhouette, at the same k, of
        `null_draws` samples of unstructured data like z (at most `null_rows` rows) must
-       reach `excess_min` (checked from `test_min_rows` rows up). The reference
+       reach `excess_min` (checked from `test_min_rows`, 150, rows up: on fewer the
+       reference's silhouette is too noisy, and no rows are called unstructured). The reference
        ("angular") is the angular central Gaussian fitted to z (Tyler's estimator): the
        directions of one centred Gaussian, which is what one blob of embeddings becomes
        after segd's centring, projection and re-normalisation. (A Gaussian with z's own
@@ -32,7 +33,8 @@ rule "strength" (the default)
        >= 150 photos >= 0.04. If the excess falls short, the rows have no cluster
        structure: k = 1, `structured` False. If no k reaches the threshold, the test is
        run on the silhouette's choice instead (clean groups more numerous than k_max look
-       irreproducible at every k) and decides between that choice and k = 1.
+       irreproducible at every k) and decides between that choice and k = 1 (below
+       `test_min_rows` that choice stands).
     3. Step up: rows with more groups than the largest k tried (16 or 20 kinds of photo,
        k_max 10) merge them differently in each half, and only a small k is reproducible.
        The silhouette, biased to small k, is trusted upwards: when a larger k's silhouette
@@ -82,7 +84,7 @@ class KSelect:
     n_init: int = 4
     silhouette_sample: int = 4000  # rows the silhouette is computed on (it is O(n^2))
     minibatch_above: int = 20_000  # MiniBatchKMeans beyond this many rows
-    small_below: int = 150  # rule "strength": the silhouette decides below this many rows
+    small_below: int = 100  # rule "strength": the silhouette decides below this many rows
     # Over a split's clusters: the least reproducible one ("min") or their mean.
     aggregate: Literal["min", "mean"] = "min"
     threshold: float = 0.6
@@ -98,9 +100,9 @@ class KSelect:
     step_down: float | None = 0.05
     # Step up to a larger k whose silhouette is higher by more than this (None: off).
     step_up: float | None = 0.03
-    # The reference silhouette is too noisy on fewer rows: below, only the strength decides
-    # (moot while small_below is above it).
-    test_min_rows: int = 100
+    # The reference silhouette is too noisy on fewer rows: below, no row set is called
+    # unstructured, and with no reproducible k the silhouette's k stands.
+    test_min_rows: int = 150
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint) ->
         fallback = _by_silhouette(z, ks, s, check)
         excess = (_excess(z, fallback.k, fallback.scores[fallback.k], s, rng, check)
                   if n >= s.test_min_rows else None)
-        if excess is not None and excess >= s.excess_min:
+        if excess is None or excess >= s.excess_min:  # untested rows keep the silhouette's
             return dataclasses.replace(fallback, excess=excess)
         return KChoice(k=1, scores=scores, method="strength", runner_up=best,
                        margin=s.threshold - scores[best], silhouette=None, excess=excess,
