@@ -330,6 +330,8 @@ def methods(quick: bool = False) -> list[MethodSpec]:
         MethodSpec("calinski-harabasz pca32", "pca32", ks.calinski_harabasz, "index"),
         MethodSpec("davies-bouldin pca32", "pca32", ks.davies_bouldin, "index"),
         MethodSpec("gap (gaussian ref) pca32", "pca32", ks.gap_statistic, "gap"),
+        MethodSpec("gaussian mixture (tied covariance) BIC pca32", "pca32", ks.mixture_bic,
+                   "mixture"),
         MethodSpec("gap (uniform box ref) pca32", "pca32",
                    P(ks.gap_statistic, reference="box"), "gap"),
         MethodSpec("prediction strength pca32 min 0.8", "pca32", ks.prediction_strength, "ps"),
