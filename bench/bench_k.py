@@ -424,6 +424,8 @@ def small_methods() -> list[MethodSpec]:
     out.append(MethodSpec("segd, strength from 64 rows", "pca32", P(_segd, small_below=64),
                           "hybrid"))
     out.append(MethodSpec(BELOW_150, "pca32", P(_segd, **BELOW_150_SETTINGS), "hybrid"))
+    out.append(MethodSpec("segd, no-structure test from 100 rows", "pca32",
+                          P(_segd, test_min_rows=100), "hybrid"))
     out += [MethodSpec(jaccard_name(t), "pca32", P(_jaccard, threshold=t), "hybrid")
             for t in JACCARD_THRESHOLDS]
     out.append(MethodSpec(DEFAULT, "pca32", _segd, "hybrid"))
