@@ -35,10 +35,14 @@ def _entries(folder: Path) -> list[bytes]:
 
 
 def _takeable(inbox: Path) -> list[bytes]:
-    """Entries of the inbox segd would take: regular files and symlinks."""
+    """Entries of the inbox segd would take: regular files and symlinks. Polled while the
+    daemon files them, so an entry listed may be gone (moved) by its lstat."""
     out = []
     for name in _entries(inbox):
-        st = os.lstat(os.path.join(os.fsencode(inbox), name))
+        try:
+            st = os.lstat(os.path.join(os.fsencode(inbox), name))
+        except FileNotFoundError:
+            continue
         if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
             out.append(name)
     return out
