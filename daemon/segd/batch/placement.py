@@ -265,7 +265,7 @@ def _placed_before(entry: PlanEntry, target: Path, st: os.stat_result
         src = os.lstat(entry.source)
     except FileNotFoundError:
         return True, None  # moved, or its source deleted since: the copy is all there is
-    if (src.st_dev, src.st_ino) == (st.st_dev, st.st_ino):
+    if os.path.samestat(src, st):
         return True, src  # linked, the source not yet unlinked
     if (src.st_size, src.st_mtime_ns) != (entry.size, entry.mtime_ns):
         # The source's name holds another file now (it replaced the planned one after the

@@ -365,10 +365,7 @@ def _top_components_by_gram(centred: np.ndarray, mean: np.ndarray, dims: int,
     kept = values > values[0] * 1e-10
     components = np.zeros((dims, centred.shape[1]))
     components[kept] = (centred.T @ (vectors[:, kept] / np.sqrt(values[kept]))).T
-    eigvals = values / max(n - 1, 1)
-    if params.whiten:
-        components[kept] /= np.sqrt(eigvals[kept])[:, None]
-    return Projection(mean=mean.astype(np.float32), components=components.astype(np.float32))
+    return _projection(mean, components, values / max(n - 1, 1), params)
 
 
 def _top_components(cov: np.ndarray, mean: np.ndarray, dims: int,
@@ -378,7 +375,13 @@ def _top_components(cov: np.ndarray, mean: np.ndarray, dims: int,
     d = cov.shape[0]
     values, vectors = scipy.linalg.eigh(cov, subset_by_index=[d - dims, d - 1], driver="evr")
     order = np.argsort(values)[::-1]
-    eigvals, components = values[order], vectors[:, order].T
+    return _projection(mean, vectors[:, order].T, values[order], params)
+
+
+def _projection(mean: np.ndarray, components: np.ndarray, eigvals: np.ndarray,
+                params: FitParams) -> Projection:
+    """Components (p, d) with their variances, scaled to unit variance when whitening (a
+    zero component stays zero)."""
     if params.whiten:
         components = components / np.sqrt(np.maximum(eigvals, 1e-12))[:, None]
     return Projection(mean=mean.astype(np.float32), components=components.astype(np.float32))
