@@ -16,8 +16,7 @@ import itertools
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -32,31 +31,10 @@ WATCHDOG_USEC = 3_000_000  # the daemon pings every 1.5 s at most (its main loop
 QUIET: dict[str, Any] = {"clustering": {"refit_growth": 0, "refit_interval_s": 0}}
 
 
-@pytest.fixture
-def make_env(tmp_path: Path) -> Iterator[Callable[..., tuple[Env, NotifyListener]]]:
-    made: list[tuple[Env, NotifyListener]] = []
-
-    def make(overrides: dict[str, Any], extra_env: dict[str, str] | None = None
-             ) -> tuple[Env, NotifyListener]:
-        env = Env(tmp_path / f"segd{len(made)}", overrides)
-        # Recorded in the listener's thread the instant each datagram arrives.
-        listener = NotifyListener(on_message=lambda _fields: env.daemon.log())
-        env.daemon.extra_env = {**listener.env, **(extra_env or {})}
-        made.append((env, listener))
-        return env, listener
-
-    yield make
-    for env, listener in made:
-        env.daemon.cleanup()
-        listener.close()
-        print(f"\n==== notifications\n{listener.describe()}")
-        print(env.daemon.log_tail(80))
-
-
 @slow
 def test_ready_reload_status_and_stopping(
-        make_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
-    env, listener = make_env(QUIET)
+        make_notified_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
+    env, listener = make_notified_env(QUIET)
     env.daemon.start(timeout=120)
     ready = listener.wait_for("READY", "1")
     assert MODEL_LINE.search(ready.seen), (
@@ -101,11 +79,11 @@ def test_ready_reload_status_and_stopping(
 
 @slow
 def test_watchdog_pings_also_during_a_long_refit(
-        make_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
+        make_notified_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
     """WATCHDOG_USEC = 3 s. The first fit, over all 40 photos, is made costly (k up to 39
     with 100 KMeans runs each: about 10 s on a quiet 2-core machine, far more than one ping
     interval on any) and runs on its own thread; the main loop keeps pinging through it."""
-    env, listener = make_env(
+    env, listener = make_notified_env(
         {"clustering": {"refit_growth": 0, "refit_interval_s": 0, "min_images": 40,
                         "k_max": 39, "n_init": 100}},
         {"WATCHDOG_USEC": str(WATCHDOG_USEC)})

@@ -44,27 +44,6 @@ QUIET: dict[str, Any] = {"clustering": {"refit_growth": 0, "refit_interval_s": 0
 EVERY_2_S: dict[str, Any] = {"clustering": {"refit_growth": 0, "refit_interval_s": 2}}
 
 
-@pytest.fixture
-def make_env(tmp_path: Path) -> Iterator[Callable[..., tuple[Env, NotifyListener]]]:
-    made: list[tuple[Env, NotifyListener]] = []
-
-    def make(extra_env: dict[str, str] | None = None,
-             overrides: dict[str, Any] | None = None) -> tuple[Env, NotifyListener]:
-        env = Env(tmp_path / f"segd{len(made)}", overrides or QUIET)
-        listener = NotifyListener()
-        env.daemon.extra_env = {**listener.env, **(extra_env or {})}
-        made.append((env, listener))
-        return env, listener
-
-    yield make
-    for env, listener in made:
-        env.daemon.cleanup()
-        listener.close()
-        print(f"\n==== {env.root}: {env.tree.describe()}\n==== notifications\n"
-              f"{listener.describe()}")
-        print(env.daemon.log_tail(80))
-
-
 class OpenWatch:
     """Names of the files opened in `folder` from now on: a real inotify watch (IN_OPEN),
     the test's own, apart from the daemon's (which never asks for opens)."""
@@ -157,7 +136,7 @@ def _refused(env: Env, *args: str) -> str:
 
 @slow
 def test_state_folder_full_pauses_then_resumes(
-        make_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
+        make_notified_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
     """The state folder is a 16 MiB tmpfs. With 12 photos filed, a ballast file fills it to
     the last page; 12 more photos are dropped. The daemon pauses: one warning, `segd
     status` (text and --json) and STATUS= say why, naming the folder; the photos stay in
@@ -165,7 +144,7 @@ def test_state_folder_full_pauses_then_resumes(
     are refused naming the folder, and none of the interval refits (every 2 s otherwise)
     runs. The ballast removed, it resumes by itself (one line), files all 12 and refits
     again; then the invariant."""
-    env, listener = make_env(overrides=EVERY_2_S)
+    env, listener = make_notified_env(EVERY_2_S)
     state = env.folders.state_dir
     with tmpfs(state, "16m"):
         env.daemon.start(timeout=120)
@@ -245,7 +224,7 @@ MAX_FILL_ROUNDS = 8
 
 @slow
 def test_state_folder_fills_inside_a_journaled_batch(
-        make_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
+        make_notified_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
     """The fault lands where the journal matters: each round drops 4 photos, watches the
     store for the batch's journal rows (committed before any file is touched), stops the
     daemon (SIGSTOP) the moment they appear, fills the state folder and lets it go on
@@ -255,7 +234,7 @@ def test_state_folder_fills_inside_a_journaled_batch(
     the invariant hold with the daemon still running: no open journal row, every photo
     once, rows matching the disk. Rounds go on (up to 8) until one leaves journal rows open
     at the pause."""
-    env, _ = make_env()
+    env, _ = make_notified_env(QUIET)
     state = env.folders.state_dir
     with tmpfs(state, "16m"):
         env.daemon.start(timeout=120)
@@ -313,13 +292,13 @@ def test_state_folder_fills_inside_a_journaled_batch(
 
 @slow
 def test_read_only_state_folder_at_start_waits_then_starts(
-        make_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
+        make_notified_env: Callable[..., tuple[Env, NotifyListener]]) -> None:
     """The state folder (a tmpfs, store made by a first run) remounted read-only while no
     daemon runs. `segd run` does not exit (systemd would restart it into the same wall):
     it logs why once, sends READY=1 with a STATUS= naming the folder, keeps pinging the
     watchdog, answers a reload (SIGHUP) and leaves dropped photos in the inbox; remounted
     read-write, it starts by itself and files them; then the invariant."""
-    env, listener = make_env({"WATCHDOG_USEC": "2000000"})
+    env, listener = make_notified_env(QUIET, {"WATCHDOG_USEC": "2000000"})
     state = env.folders.state_dir
     with tmpfs(state, "16m"):
         env.daemon.start(timeout=120)
@@ -406,14 +385,14 @@ def _abort_ext4(device: str) -> None:
 
 @slow
 def test_state_filesystem_turned_read_only_under_the_daemon(
-        make_env: Callable[..., tuple[Env, NotifyListener]], tmp_path: Path) -> None:
+        make_notified_env: Callable[..., tuple[Env, NotifyListener]], tmp_path: Path) -> None:
     """The state folder is an ext4 image on a loop device, `errors=remount-ro`. With 12
     photos filed, the kernel aborts it (as on a disk error): it is read-only from then on,
     and a live `remount,rw` is refused until it is checked. The daemon pauses and says so
     (status, STATUS=), the 6 photos dropped next stay in the inbox, a refit is refused;
     SIGTERM still stops it cleanly. After `e2fsck` and a fresh mount, a restart settles
     what was interrupted and files them; then the invariant."""
-    env, listener = make_env()
+    env, listener = make_notified_env(QUIET)
     state = env.folders.state_dir
     image = tmp_path / "state.ext4"
     with ext4_image(state, image) as device:
