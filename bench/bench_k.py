@@ -1,8 +1,10 @@
 """Choosing k across collections: which rule generalises.
 
-    python bench/bench_k.py            # every collection and method (~10 min on 2 cores)
+    python bench/bench_k.py            # every collection and method (~40 min on 2 cores
+                                       # from scratch; cached per collection after)
     python bench/bench_k.py --quick    # 8 collections, the main methods (~1-2 min)
     python bench/bench_k.py --cost     # also time the recommended rule on 20,000 rows
+    python bench/bench_k.py --restarts # also KMeans at the true k with n_init 4 and 10
 
 Embeddings come from bench/kstudy_embed.py (segd's own decode + embed path, cached as npz
 under .cache/k-study/; run first, or it is run for you). Collections: clothing10 five and ten,
@@ -15,7 +17,9 @@ KMeans at the true k scores an ARI like the real sets do.
 For every method and collection: chosen k, ARI at the chosen k (KMeans in the method's
 space), ARI at the true k (same space), time. Summaries rank methods by their worst and
 mean results, and a leave-one-collection-out pass picks the method on all collections but
-one and reports it on the held-out one. Labels are used only to score.
+one and reports it on the held-out one. segd's rule and a few variants also run at five
+seeds (the halvings, KMeans' starts, the reference's draws): a rule is chosen by its results
+over the seeds, never by one seed's. Labels are used only to score.
 """
 
 from __future__ import annotations
@@ -376,20 +380,40 @@ def hybrid_name(small: str, below: int, threshold: float = 0.8) -> str:
 
 # segd's rule as shipped: segd.core.kselect.choose_k with its defaults.
 DEFAULT = ("segd: silhouette below 100, else prediction strength (min over clusters) 0.6, "
-           "step down 0.05, step up 0.03, angular reference (from 150 rows)")
-# The same with the silhouette below 150 rows (and the reference test from 100): segd's rule
-# of the round before.
-BELOW_150 = "segd, silhouette below 150 (the round before)"
+           "step down 0.05, step up 0.03, angular reference (from 150 rows), KMeans n_init 10")
+# The same with KMeans n_init 4: segd's rule of the round before, and the base of the rows
+# that vary one of its settings ("segd without the step down", "segd, min strength 0.5", ...).
+ROUND_BEFORE = "segd, KMeans n_init 4 (the round before)"
+ROWS_N_INIT = 4
+# The round before's with the silhouette below 150 rows (and the reference test from 100):
+# segd's rule of two rounds before.
+BELOW_150 = "segd, silhouette below 150 (two rounds before)"
 BELOW_150_SETTINGS = {"small_below": 150, "test_min_rows": 100}
 # The first study's strength: the mean over clusters, threshold 0.8, no step down or up.
 MEAN = {"aggregate": "mean", "threshold": 0.8, "step_up": None, "step_down": None}
 # segd's rule after the first study: that strength, stepped down by the silhouette.
 BEFORE = "segd before: silhouette below 150, else mean strength 0.8, step-down 0.05"
 BEFORE_SETTINGS = dict(MEAN, step_down=0.05, **BELOW_150_SETTINGS)
-# segd's rule at other thresholds, and without each of its steps.
+# The round before's rule at other thresholds, and without each of its steps.
 MIN_THRESHOLDS = (0.5, 0.7)
 # Clusterwise stability (Hennig 2007) in place of the strength.
 JACCARD_THRESHOLDS = (0.6, 0.7, 0.75, 0.8)
+# Projections other than segd's default PCA-32 for segd's rule (raw 1280-d is not one: there
+# the silhouette decides, and the angular reference needs more rows than dimensions).
+OTHER_SPACES = ("pca16", "pca48", "pca64", "pca128")
+SEEDS = (0, 1000, 2000, 3000, 4000)  # apart: the rule adds 0..splits to its seed
+SEGD = "segd's rule (n_init 10)"
+SEED_VARIANTS: dict[str, dict[str, Any]] = {
+    SEGD: {"n_init": 10},
+    ROUND_BEFORE: {},
+    "segd (n_init 10), strength from 64 rows": {"n_init": 10, "small_below": 64},
+    "segd, 16 halvings": {"splits": 16},
+    "segd, 32 halvings": {"splits": 32},
+    "segd, 10 reference draws": {"null_draws": 10},
+    "segd, 16 halvings and 10 reference draws": {"splits": 16, "null_draws": 10},
+}
+# Rows at seed 0 that have a name of their own.
+AT_SEED_0 = {SEGD: DEFAULT, ROUND_BEFORE: ROUND_BEFORE}
 # The study's own rows use the first reference: a Gaussian with z's mean and covariance.
 GAUSS = "gaussian"
 
@@ -420,7 +444,7 @@ def small_methods() -> list[MethodSpec]:
                           "hybrid"))
     out.append(MethodSpec("segd without the step down", "pca32", P(_segd, step_down=None),
                           "hybrid"))
-    out.append(MethodSpec("segd, KMeans n_init 10", "pca32", P(_segd, n_init=10), "hybrid"))
+    out.append(MethodSpec(ROUND_BEFORE, "pca32", _segd, "hybrid"))
     out.append(MethodSpec("segd, strength from 64 rows", "pca32", P(_segd, small_below=64),
                           "hybrid"))
     out.append(MethodSpec(BELOW_150, "pca32", P(_segd, **BELOW_150_SETTINGS), "hybrid"))
@@ -428,8 +452,32 @@ def small_methods() -> list[MethodSpec]:
                           P(_segd, test_min_rows=100), "hybrid"))
     out += [MethodSpec(jaccard_name(t), "pca32", P(_jaccard, threshold=t), "hybrid")
             for t in JACCARD_THRESHOLDS]
-    out.append(MethodSpec(DEFAULT, "pca32", _segd, "hybrid"))
+    out.append(MethodSpec(DEFAULT, "pca32", _segd_now, "hybrid"))
+    # The same rule, unchanged, on other projections (pca_dims): does PCA-32 carry over?
+    out += [MethodSpec(space_name(sp), sp, _segd, "hybrid") for sp in OTHER_SPACES]
+    # segd's rule and less noisy variants of it at other seeds (the halvings, KMeans'
+    # starts, the reference's draws): a property of the rule, or of seed 0?
+    out += [MethodSpec(seeded_name(v, seed), "pca32", P(_segd, seed=seed, **settings),
+                       "hybrid")
+            for v, settings in SEED_VARIANTS.items() for seed in SEEDS
+            if seed != 0 or v not in AT_SEED_0]
     return out
+
+
+def at_seed_0(rows: list[Row]) -> list[Row]:
+    """`rows` without the variants' rows at seeds other than 0: those only feed the table
+    over seeds (a rule is chosen, never a seed)."""
+    drop = {seeded_name(v, seed) for v in SEED_VARIANTS for seed in SEEDS if seed != 0}
+    return [r for r in rows if r.method not in drop]
+
+
+def seeded_name(variant: str, seed: int) -> str:
+    """The row of `variant` (a key of SEED_VARIANTS) at `seed`."""
+    return AT_SEED_0[variant] if seed == 0 and variant in AT_SEED_0 else f"{variant}, seed {seed}"
+
+
+def space_name(space: str) -> str:
+    return f"segd's rule in {space.upper()} (pca_dims {ks.space_dims(space)})"
 
 
 def jaccard_name(threshold: float) -> str:
@@ -440,7 +488,7 @@ def jaccard_name(threshold: float) -> str:
 def _jaccard(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *, threshold: float
              ) -> ks.Choice:
     if len(ctx.z) < 150:
-        return _as_choice(_memo(ctx, kk, KSelect(rule="silhouette")))
+        return _as_choice(_memo(ctx, kk, rule_of(rule="silhouette")))
     return ks.jaccard_with_angular_test(ctx, kk, rng, threshold=threshold)
 
 
@@ -464,12 +512,24 @@ def _memo(ctx: ks.Ctx, kk: list[int], settings: KSelect) -> KChoice:
 
 def _reference(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator) -> ks.Choice:
     """The strength rule at every size (the no-structure test from 100 rows up)."""
-    return _as_choice(_memo(ctx, kk, KSelect(small_below=0, reference=GAUSS, **MEAN)))
+    return _as_choice(_memo(ctx, kk, rule_of(small_below=0, reference=GAUSS, **MEAN)))
 
 
 def _segd(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, **settings: Any
           ) -> ks.Choice:
+    return _as_choice(_memo(ctx, kk, rule_of(**settings)))
+
+
+def _segd_now(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, **settings: Any
+              ) -> ks.Choice:
+    """segd's rule as shipped (KSelect's defaults), with `settings` (a seed) changed."""
     return _as_choice(_memo(ctx, kk, KSelect(**settings)))
+
+
+def rule_of(**settings: Any) -> KSelect:
+    """The study's rows: KSelect with `settings`, and KMeans n_init 4 unless they say
+    otherwise (the n_init of every round before the fourth; segd's rule now uses 10)."""
+    return KSelect(**({"n_init": ROWS_N_INIT} | settings))
 
 
 def _hybrid(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *, small: str, below: int,
@@ -478,12 +538,12 @@ def _hybrid(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *, small: str,
     threshold) for "silhouette", memoised on the branch taken; the other small-n
     rules are the study's."""
     if len(ctx.z) >= below:
-        return _as_choice(_memo(ctx, kk, KSelect(small_below=0, reference=GAUSS,
+        return _as_choice(_memo(ctx, kk, rule_of(small_below=0, reference=GAUSS,
                                                  **dict(MEAN, threshold=threshold))))
     if small == "silhouette":
-        return _as_choice(_memo(ctx, kk, KSelect(rule="silhouette")))
+        return _as_choice(_memo(ctx, kk, rule_of(rule="silhouette")))
     if small == "splits32":
-        return _as_choice(_memo(ctx, kk, KSelect(small_below=0, splits=32, reference=GAUSS,
+        return _as_choice(_memo(ctx, kk, rule_of(small_below=0, splits=32, reference=GAUSS,
                                                  **MEAN)))
     assert small == "bootstrap", small
     if "bootstrap" not in ctx.memo:
@@ -650,6 +710,31 @@ def summarise(rows: list[Row]) -> Summary:
         seconds=float(np.mean([r.seconds for r in rows])))
 
 
+def over_seeds_table(rows: list[Row]) -> str:
+    """Per variant of SEED_VARIANTS: the k tests and the mean ARI ratio at each seed, the
+    worst ratio over all seeds, and the worst on real photos at each seed."""
+    grouped = by_method(rows)
+    lines = ["| variant | k ok per seed | mean | mean ratio per seed | mean | worst ratio "
+             "(collection) | worst on real photos per seed | unstructured called so |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in SEED_VARIANTS:
+        runs = [grouped[n] for seed in SEEDS if (n := seeded_name(v, seed)) in grouped]
+        if not runs:
+            continue
+        sums = [summarise(rs) for rs in runs]
+        real = [summarise([r for r in rs if r.kind == "real"]) for rs in runs]
+        worst = min(sums, key=lambda x: x.worst_ratio)
+        lines.append(
+            f"| {v} | {', '.join(str(x.ok) for x in sums)} of {sums[0].total} | "
+            f"{np.mean([x.ok for x in sums]):.1f} | "
+            f"{', '.join(f'{x.mean_ratio:.3f}' for x in sums)} | "
+            f"{np.mean([x.mean_ratio for x in sums]):.3f} | "
+            f"{worst.worst_ratio:.2f} ({worst.worst_collection}) | "
+            f"{', '.join(f'{x.worst_ratio:.2f}' for x in real)} | "
+            f"{', '.join(x.unstructured_ok for x in sums)} |")
+    return "\n".join(lines)
+
+
 def rank_key(s: Summary) -> tuple[float, ...]:
     """Worst first, then mean: failures of the k test, worst ARI ratio, mean ARI ratio."""
     return (-(s.total - s.ok), s.worst_ratio, s.mean_ratio)
@@ -762,11 +847,40 @@ def cost() -> str:
     return "\n".join(lines)
 
 
+RESTARTS = (4, 10)
+RESTART_SEEDS = 5
+
+
+def _restart_aris(coll: Collection) -> tuple[str, dict[int, list[float]]]:
+    with threadpool_limits(limits=1):
+        z = ks.project(coll.x, ks.space_dims("pca32"))
+        return coll.name, {n: [adjusted_rand_score(coll.y, ks.kmeans(z, coll.true_k, seed,
+                                                                    n_init=n).labels_)
+                               for seed in range(RESTART_SEEDS)] for n in RESTARTS}
+
+
+def restarts(jobs: int) -> str:
+    """KMeans at the true k with each number of restarts in RESTARTS, over the labelled
+    collections of the 33 and RESTART_SEEDS seeds: the ARI the final fit gets."""
+    colls = [c for c in real_collections() + synthetic_collections() if c.true_k > 1]
+    with ProcessPoolExecutor(jobs) as pool:
+        out = dict(pool.map(_restart_aris, colls))
+    lo, hi = RESTARTS
+    mean = {n: [float(np.mean(out[c.name][n])) for c in colls] for n in RESTARTS}
+    better = sum(b > a for a, b in zip(mean[lo], mean[hi], strict=True))
+    worse = sum(b < a for a, b in zip(mean[lo], mean[hi], strict=True))
+    return (f"{len(colls)} collections x {RESTART_SEEDS} seeds, PCA-32: mean ARI at the true k "
+            f"{np.mean(mean[lo]):.3f} with n_init {lo}, {np.mean(mean[hi]):.3f} with {hi} "
+            f"({hi} better on {better} collections, worse on {worse})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="8 collections and the main methods only")
     ap.add_argument("--cost", action="store_true", help="also time the rule on 20,000 rows")
+    ap.add_argument("--restarts", action="store_true",
+                    help="also KMeans' ARI at the true k with 4 and 10 restarts")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--show", nargs="*", default=None,
                     help="methods for the per-collection table (default: old vs recommended)")
@@ -794,42 +908,50 @@ def main() -> None:
           f"{len(clean)} well-separated and {len(flat)} elongated unstructured x "
           f"{len(extra_specs)}), k in {KS[0]}..{KS[-1]}, "
           f"{time.perf_counter() - t0:.0f} s\n")
-    table, _ = summary_table(rows)
+    table, _ = summary_table(at_seed_0(rows))
     print("## Summary (ranked by failures of the k test, then worst, then mean ARI ratio)\n")
     print(table)
-    show = args.show or ["silhouette pca32", BEFORE, BELOW_150, DEFAULT]
+    show = args.show or ["silhouette pca32", BEFORE, ROUND_BEFORE, DEFAULT]
     print("\n## Per collection: k chosen (ARI at that k); **x** = fails the k test\n")
     print(per_collection_table(rows, list(dict.fromkeys(show))))
     print("\n## Leave one collection out\n")
-    print(leave_one_out(rows))
+    print(leave_one_out(at_seed_0(rows)))
+    print(f"\n## segd's rule and variants at seeds {', '.join(map(str, SEEDS))}\n")
+    print(over_seeds_table(rows))
     if panel:
         prow = [r for c in panel for r in out[c.name]]
         crow = [r for c in clean for r in out[c.name]]
         frow = [r for c in flat for r in out[c.name]]
         both = [r for r in rows if r.method in PANEL_METHODS] + prow + crow + frow
         print(f"\n## Small-n panel ({len(panel)} collections of 20-128)\n")
-        print(summary_table(prow)[0])
+        print(summary_table(at_seed_0(prow))[0])
         print(f"\n## Well-separated ({len(clean)})\n")
-        print(summary_table(crow)[0])
+        print(summary_table(at_seed_0(crow))[0])
         print(f"\n## Elongated unstructured ({len(flat)}): k chosen\n")
         for name, rs in by_method(frow).items():
             print(f"- {name}: " + ", ".join(str(r.k) for r in rs))
         print(f"\n## All together ({len(both) // len(extra_specs)})\n")
-        print(summary_table(both)[0])
+        print(summary_table(at_seed_0(both))[0])
+        print(f"\n## All together ({len(both) // len(extra_specs)}), at seeds "
+              f"{', '.join(map(str, SEEDS))}\n")
+        print(over_seeds_table(both))
         print("\n## Panel and well-separated, per collection\n")
         print(per_collection_table(prow + crow, list(dict.fromkeys(show))))
         print("\n## Leave one collection out, all together, among the small-n candidates\n")
-        print(leave_one_out(both))
+        print(leave_one_out(at_seed_0(both)))
         print("\n## The same, ranked by worst, then mean ARI ratio, then the k test\n")
-        print(leave_one_out(both, ari_key))
+        print(leave_one_out(at_seed_0(both), ari_key))
         print("\n## All together, ranked by worst, then mean ARI ratio, then the k test\n")
-        both_sums = sorted((summarise(v) for v in by_method(both).values()), key=ari_key,
+        both_sums = sorted((summarise(v) for v in by_method(at_seed_0(both)).values()), key=ari_key,
                            reverse=True)
         print("\n".join(f"{s.method}: worst {s.worst_ratio:.2f} ({s.worst_collection}), mean "
                         f"{s.mean_ratio:.3f}, k ok {s.ok}/{s.total}" for s in both_sums))
     if args.cost:
         print("\n## Cost\n")
         print(cost())
+    if args.restarts:
+        print("\n## Restarts of the final fit\n")
+        print(restarts(args.jobs))
 
 
 if __name__ == "__main__":

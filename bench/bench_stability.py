@@ -1,6 +1,7 @@
 """Refit stability under a burst: a real `segd run`, N photos dropped at once, then 20 at a time.
 
-    .venv/bin/python bench/bench_stability.py [--cases 600,2000] [--trickle 5] [--keep DIR]
+    .venv/bin/python bench/bench_stability.py [--cases 600,2000] [--trickle 5] [--sort-seeds 5]
+                                              [--keep DIR]
 
 Each case starts a fresh `segd run` (tests/support/daemon_harness.py; CPU, the default
 clustering config) on an empty inbox, copies the case's burst into the inbox in one go,
@@ -16,7 +17,9 @@ the same way. Cases:
 Reported per case: each refit (trigger, n, k, whether it replaced the clustering or updated
 it, files re-filed), the files re-filed per photo (every move after a photo's first filing),
 the folders created and removed, and the adjusted Rand index of the final library against
-the photos' classes, beside the ARI of `segd sort` on the same photos with the same config.
+the photos' classes, beside the ARI of `segd sort` on the same photos with the same config
+(random_state 0, the daemon's) and at other random_states: how far the reference itself
+moves with nothing but its seed.
 Refits are read from the daemon's log (its one summary line per refit). scenes6 is read in
 place and copied only into the benchmark's temporary folders.
 """
@@ -28,6 +31,7 @@ import json
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,9 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 import benchlib
+import yaml
 from daemon_harness import DaemonProcess, Tree, wait_until, write_config
 from sklearn.metrics import adjusted_rand_score
 
+from segd.config import ClusteringConfig
 from segd.service import control
 
 SCENES = Path("/work/shared/datasets/scenes6")
@@ -49,7 +55,9 @@ BATCH = 20
 QUIET_S = 4.0  # after the settle time: nothing logged this long = the daemon is done
 SEP = "__"  # <class>__<original name>: the class travels in the file name
 # The default clustering (the harness's base config shrinks it for the tests).
-CLUSTERING = {"min_images": 20, "k_max": 10, "n_init": 4}
+_DEFAULT = ClusteringConfig()
+CLUSTERING = {"min_images": _DEFAULT.min_images, "k_max": _DEFAULT.k_max,
+              "n_init": _DEFAULT.n_init}
 REFIT = re.compile(r"refit \((?P<trigger>[^)]*)\)(?P<rest>.*)$")
 
 
@@ -70,8 +78,9 @@ class CaseResult:
     folders_made: int = 0
     folders_gone: int = 0
     ari: float = 0.0
-    sort_ari: float = 0.0
+    sort_ari: float = 0.0  # at random_state 0, the daemon's
     sort_k: int = 0
+    sort_seeds: list[tuple[float, int]] = field(default_factory=list)  # (ARI, k) at 0, 1, ...
     final_k: int = 0
     seconds: float = 0.0
 
@@ -169,19 +178,31 @@ def library_ari(library: Path) -> tuple[float, int]:
                                                         if any(d.iterdir()))
 
 
-def sort_ari(files: list[Path], config: Path, work: Path) -> tuple[float, int]:
+def sort_aris(files: list[Path], config: Path, work: Path, seeds: int
+              ) -> list[tuple[float, int]]:
+    """`segd sort` of `files` with the case's config at random_state 0..seeds-1: (ARI, k)
+    each. The config's copies sit beside it, so they share its store (the embeddings)."""
     src = work / "sort-src"
     src.mkdir()
     drop(files, src)
-    dest = work / "sort-dest"
-    run = subprocess.run([str(benchlib.SEGD), "sort", str(src), str(dest), "--no-progress",
-                          "--config", str(config)], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise SystemExit(f"segd sort failed:\n{run.stderr[-3000:]}")
-    return library_ari(dest)
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+    out = []
+    for seed in range(seeds):
+        settings["clustering"]["random_state"] = seed
+        seeded = config.with_name(f"sort-seed{seed}.yaml")
+        seeded.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+        dest = work / f"sort-dest-{seed}"
+        run = subprocess.run([str(benchlib.SEGD), "sort", str(src), str(dest),
+                              "--no-progress", "--config", str(seeded)],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            raise SystemExit(f"segd sort failed:\n{run.stderr[-3000:]}")
+        out.append(library_ari(dest))
+    return out
 
 
-def run_case(name: str, trickle: int, work: Path, settle_s: float) -> CaseResult:
+def run_case(name: str, trickle: int, work: Path, settle_s: float, sort_seeds: int
+             ) -> CaseResult:
     burst, pool = photo_sets(name)
     batches = [pool[i * BATCH:(i + 1) * BATCH] for i in range(trickle)]
     root = work / f"case-{name}"
@@ -222,7 +243,9 @@ def run_case(name: str, trickle: int, work: Path, settle_s: float) -> CaseResult
     result.folders_made, result.folders_gone = len(seen), len(gone)
     result.ari, result.final_k = library_ari(tree.library)
     everything = burst + [p for b in batches for p in b]
-    result.sort_ari, result.sort_k = sort_ari(everything, config, root)
+    sorts = sort_aris(everything, config, root, sort_seeds)
+    result.sort_ari, result.sort_k = sorts[0]
+    result.sort_seeds = sorts
     return result
 
 
@@ -236,6 +259,10 @@ def print_case(r: CaseResult) -> None:
           f"; folders made {r.folders_made}, removed {r.folders_gone}")
     print(f"final ARI {r.ari:.3f} at k={r.final_k}; segd sort on the same photos: ARI "
           f"{r.sort_ari:.3f} at k={r.sort_k}")
+    if len(r.sort_seeds) > 1:
+        print(f"segd sort at random_state 0..{len(r.sort_seeds) - 1}: ARI (k) "
+              + ", ".join(f"{a:.3f} ({k})" for a, k in r.sort_seeds)
+              + f"; mean ARI {statistics.mean(a for a, _ in r.sort_seeds):.3f}")
 
 
 def main() -> None:
@@ -244,6 +271,9 @@ def main() -> None:
     ap.add_argument("--trickle", type=int, default=10, help="batches of 20 after the burst")
     ap.add_argument("--settle-s", type=float, default=10.0,
                     help="the daemon's clustering.settle_s (how long the quiet wait adds)")
+    ap.add_argument("--sort-seeds", type=int, default=5,
+                    help="also run segd sort at this many random_states (how much the "
+                         "reference itself varies)")
     ap.add_argument("--keep", type=Path, help="work here and keep the folders")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -252,18 +282,22 @@ def main() -> None:
     results = []
     try:
         for name in args.cases.split(","):
-            results.append(run_case(name, args.trickle, work, args.settle_s))
+            results.append(run_case(name, args.trickle, work, args.settle_s,
+                                    max(args.sort_seeds, 1)))
             print_case(results[-1])
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     print("\n| case | photos | refits | k at each | re-filed per photo | folders made/removed "
-          "| ARI | segd sort ARI |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| ARI | segd sort ARI | segd sort, other random_states |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ks = ", ".join(str(f.k) for f in r.refits)
+        others = [a for a, _ in r.sort_seeds[1:]]
+        spread = f"{min(others):.3f}-{max(others):.3f}" if others else "-"
         print(f"| {r.name} | {r.photos} | {len(r.refits)} | {ks} | {r.moves / r.photos:.3f} | "
-              f"{r.folders_made}/{r.folders_gone} | {r.ari:.3f} | {r.sort_ari:.3f} |")
+              f"{r.folders_made}/{r.folders_gone} | {r.ari:.3f} | {r.sort_ari:.3f} | "
+              f"{spread} |")
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ | {"refits": [f.__dict__ for f in r.refits]}
                                          for r in results], indent=2))

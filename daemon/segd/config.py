@@ -60,7 +60,7 @@ class ClusteringConfig:
     k_max: int = 10
     min_images: int = 20
     random_state: int = 0
-    n_init: int = 4
+    n_init: int = 10
     silhouette_sample: int = 4000
     minibatch_above: int = 20_000
     pca_dims: int = 32  # 0 = raw embeddings; keep it >= about 2 * k_max (docs/quality.md)
