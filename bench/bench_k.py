@@ -5,6 +5,7 @@
     python bench/bench_k.py --quick    # 8 collections, the main methods (~1-2 min)
     python bench/bench_k.py --cost     # also time the recommended rule on 20,000 rows
     python bench/bench_k.py --restarts # also KMeans at the true k with n_init 4 and 10
+    python bench/bench_k.py --strength-excess  # also the strength's excess over references
 
 Embeddings come from bench/kstudy_embed.py (segd's own decode + embed path, cached as npz
 under .cache/k-study/; run first, or it is run for you). Collections: clothing10 five and ten,
@@ -849,6 +850,43 @@ def cost() -> str:
 
 RESTARTS = (4, 10)
 RESTART_SEEDS = 5
+EXCESS_SEEDS = (0, 1000)
+
+
+def _strength_excess(coll: Collection) -> list[tuple[str, int, int, float]]:
+    """Per seed: (collection, true k, k, strength(k) - the mean strength(k) of 3 angular
+    references), k = the largest k whose strength reaches 0.6 (else the strongest)."""
+    from segd.core.kselect import angular_reference, prediction_strength
+
+    out = []
+    with threadpool_limits(limits=1):
+        z = ks.project(coll.x, ks.space_dims("pca32"))
+        for seed in EXCESS_SEEDS:
+            rng = np.random.default_rng(seed)
+            kk = list(KS)
+            strength = prediction_strength(z, kk, rng, seed=seed, n_init=ROWS_N_INIT)
+            k = max((k for k in kk if strength[k] >= 0.6), default=max(kk, key=strength.get))
+            null = np.mean([prediction_strength(angular_reference(z, rng, len(z)), [k], rng,
+                                                seed=seed + 1 + d, n_init=ROWS_N_INIT)[k]
+                            for d in range(3)])
+            out.append((coll.name, coll.true_k, k, strength[k] - float(null)))
+    return out
+
+
+def strength_excess(jobs: int) -> str:
+    """The strength's excess over unstructured references at the strength's k, on every
+    collection of 150 rows or more: does it tell unstructured sets from structured ones?"""
+    colls = [c for c in real_collections() + synthetic_collections() + panel_collections()
+             + clean_collections() + elongated_collections() if len(c.x) >= 150]
+    with ProcessPoolExecutor(jobs) as pool:
+        rows = [r for rs in pool.map(_strength_excess, colls) for r in rs]
+    rows.sort(key=lambda r: r[3])
+    lines = ["| excess | collection | true k | k |", "|---|---|---|---|"]
+    lines += [f"| {e:+.3f} | {name} | {tk} | {k} |" for name, tk, k, e in rows]
+    unstructured = max(e for _, tk, _, e in rows if tk == 1)
+    structured = min(e for _, tk, _, e in rows if tk > 1)
+    return ("\n".join(lines) + f"\n\n{len(colls)} collections x {len(EXCESS_SEEDS)} seeds: "
+            f"unstructured up to {unstructured:+.3f}, structured from {structured:+.3f}")
 
 
 def _restart_aris(coll: Collection) -> tuple[str, dict[int, list[float]]]:
@@ -881,6 +919,8 @@ def main() -> None:
     ap.add_argument("--cost", action="store_true", help="also time the rule on 20,000 rows")
     ap.add_argument("--restarts", action="store_true",
                     help="also KMeans' ARI at the true k with 4 and 10 restarts")
+    ap.add_argument("--strength-excess", action="store_true",
+                    help="also the strength's excess over unstructured references")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--show", nargs="*", default=None,
                     help="methods for the per-collection table (default: old vs recommended)")
@@ -952,6 +992,9 @@ def main() -> None:
     if args.restarts:
         print("\n## Restarts of the final fit\n")
         print(restarts(args.jobs))
+    if args.strength_excess:
+        print("\n## The strength's excess over unstructured references\n")
+        print(strength_excess(args.jobs))
 
 
 if __name__ == "__main__":

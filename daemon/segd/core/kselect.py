@@ -4,7 +4,7 @@ Pure numpy / scikit-learn. The rows `z` are the points clustering runs on (segd:
 projection of the L2-normalised embeddings, re-normalised; a random subset of at most
 `cluster.SELECTION_SAMPLE`). The rules and their settings come from the k study
 (bench/bench_k.py, docs/quality.md "Choosing k across collections"), which chose them by
-their worst and mean results over 83 labelled collections.
+their worst and mean results over 83 labelled collections and five seeds.
 
 rule "strength" (the default)
     Below `small_below` (100) rows, the silhouette rule below: prediction strength is
