@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import os
 import pickle
 import subprocess
@@ -632,7 +633,7 @@ def evaluate(coll: Collection, specs: list[MethodSpec]) -> list[Row]:
 
 
 def _eval_cached(coll: Collection, specs: list[MethodSpec]) -> list[Row]:
-    f = CACHE / "results" / f"v{RESULTS_VERSION}-{_slug(coll.name)}.pkl"
+    f = CACHE / "results" / f"v{RESULTS_VERSION}-{_defaults_tag()}-{_slug(coll.name)}.pkl"
     done: dict[str, Row] = pickle.loads(f.read_bytes()) if f.exists() else {}
     todo = [m for m in specs if m.name not in done]
     if todo:
@@ -643,6 +644,12 @@ def _eval_cached(coll: Collection, specs: list[MethodSpec]) -> list[Row]:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(pickle.dumps(done))
     return [done[m.name] for m in specs]
+
+
+def _defaults_tag() -> str:
+    """Rows are cached by name, and most rows build on KSelect's defaults: a changed default
+    gives them another file, so that no row keeps a result of the old settings."""
+    return hashlib.sha256(repr(KSelect()).encode()).hexdigest()[:8]
 
 
 def _slug(s: str) -> str:
