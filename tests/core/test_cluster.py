@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 from segd.config import ClusteringConfig
 from segd.core import cluster
 from segd.core.cluster import FitParams, FitResult, assign, candidate_ks, chunked, fit, fit_stream
+from segd.core.kselect import KSelect
 
 DIM = 1280
 # The mechanics tests use a smaller space: the projection's eigendecomposition costs about
@@ -256,6 +257,14 @@ def test_params_from_config() -> None:
                                                  silhouette_sample=500, minibatch_above=77,
                                                  pca_dims=16)
     assert FitParams.from_config(ClusteringConfig()).k_rule == "strength"
+
+
+def test_the_default_config_fits_with_the_k_studys_settings() -> None:
+    """config.yaml's defaults, the fit's and the k rule's agree (n_init 10 was changed in
+    three places): the default config chooses k exactly as the k study's rule did."""
+    params = FitParams.from_config(ClusteringConfig())
+    assert params == FitParams()
+    assert cluster._kselect_settings(params) == KSelect()
 
 
 # --------------------------------------------------------------------------- centroids
