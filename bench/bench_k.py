@@ -522,10 +522,9 @@ def _segd(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, **settings: Any
     return _as_choice(_memo(ctx, kk, rule_of(**settings)))
 
 
-def _segd_now(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, **settings: Any
-              ) -> ks.Choice:
-    """segd's rule as shipped (KSelect's defaults), with `settings` (a seed) changed."""
-    return _as_choice(_memo(ctx, kk, KSelect(**settings)))
+def _segd_now(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator) -> ks.Choice:
+    """segd's rule as shipped: KSelect's defaults."""
+    return _as_choice(_memo(ctx, kk, KSelect()))
 
 
 def rule_of(**settings: Any) -> KSelect:
@@ -955,14 +954,15 @@ def main() -> None:
           f"{len(clean)} well-separated and {len(flat)} elongated unstructured x "
           f"{len(extra_specs)}), k in {KS[0]}..{KS[-1]}, "
           f"{time.perf_counter() - t0:.0f} s\n")
-    table, _ = summary_table(at_seed_0(rows))
+    rows0 = at_seed_0(rows)
+    table, _ = summary_table(rows0)
     print("## Summary (ranked by failures of the k test, then worst, then mean ARI ratio)\n")
     print(table)
     show = args.show or ["silhouette pca32", BEFORE, ROUND_BEFORE, DEFAULT]
     print("\n## Per collection: k chosen (ARI at that k); **x** = fails the k test\n")
     print(per_collection_table(rows, list(dict.fromkeys(show))))
     print("\n## Leave one collection out\n")
-    print(leave_one_out(at_seed_0(rows)))
+    print(leave_one_out(rows0))
     print(f"\n## segd's rule and variants at seeds {', '.join(map(str, SEEDS))}\n")
     print(over_seeds_table(rows))
     if panel:
@@ -970,6 +970,7 @@ def main() -> None:
         crow = [r for c in clean for r in out[c.name]]
         frow = [r for c in flat for r in out[c.name]]
         both = [r for r in rows if r.method in PANEL_METHODS] + prow + crow + frow
+        both0 = at_seed_0(both)
         print(f"\n## Small-n panel ({len(panel)} collections of 20-128)\n")
         print(summary_table(at_seed_0(prow))[0])
         print(f"\n## Well-separated ({len(clean)})\n")
@@ -978,18 +979,18 @@ def main() -> None:
         for name, rs in by_method(frow).items():
             print(f"- {name}: " + ", ".join(str(r.k) for r in rs))
         print(f"\n## All together ({len(both) // len(extra_specs)})\n")
-        print(summary_table(at_seed_0(both))[0])
+        print(summary_table(both0)[0])
         print(f"\n## All together ({len(both) // len(extra_specs)}), at seeds "
               f"{', '.join(map(str, SEEDS))}\n")
         print(over_seeds_table(both))
         print("\n## Panel and well-separated, per collection\n")
         print(per_collection_table(prow + crow, list(dict.fromkeys(show))))
         print("\n## Leave one collection out, all together, among the small-n candidates\n")
-        print(leave_one_out(at_seed_0(both)))
+        print(leave_one_out(both0))
         print("\n## The same, ranked by worst, then mean ARI ratio, then the k test\n")
-        print(leave_one_out(at_seed_0(both), ari_key))
+        print(leave_one_out(both0, ari_key))
         print("\n## All together, ranked by worst, then mean ARI ratio, then the k test\n")
-        both_sums = sorted((summarise(v) for v in by_method(at_seed_0(both)).values()), key=ari_key,
+        both_sums = sorted((summarise(v) for v in by_method(both0).values()), key=ari_key,
                            reverse=True)
         print("\n".join(f"{s.method}: worst {s.worst_ratio:.2f} ({s.worst_collection}), mean "
                         f"{s.mean_ratio:.3f}, k ok {s.ok}/{s.total}" for s in both_sums))
