@@ -78,8 +78,6 @@ class CaseResult:
     folders_made: int = 0
     folders_gone: int = 0
     ari: float = 0.0
-    sort_ari: float = 0.0  # at random_state 0, the daemon's
-    sort_k: int = 0
     sort_seeds: list[tuple[float, int]] = field(default_factory=list)  # (ARI, k) at 0, 1, ...
     final_k: int = 0
     seconds: float = 0.0
@@ -87,6 +85,15 @@ class CaseResult:
     @property
     def moves(self) -> int:
         return sum(r.moved for r in self.refits)
+
+    @property
+    def sort_ari(self) -> float:
+        """`segd sort`'s ARI at random_state 0, the daemon's."""
+        return self.sort_seeds[0][0]
+
+    @property
+    def sort_k(self) -> int:
+        return self.sort_seeds[0][1]
 
 
 def photo_sets(name: str) -> tuple[list[Path], list[Path]]:
@@ -243,9 +250,7 @@ def run_case(name: str, trickle: int, work: Path, settle_s: float, sort_seeds: i
     result.folders_made, result.folders_gone = len(seen), len(gone)
     result.ari, result.final_k = library_ari(tree.library)
     everything = burst + [p for b in batches for p in b]
-    sorts = sort_aris(everything, config, root, sort_seeds)
-    result.sort_ari, result.sort_k = sorts[0]
-    result.sort_seeds = sorts
+    result.sort_seeds = sort_aris(everything, config, root, sort_seeds)
     return result
 
 
