@@ -5,7 +5,7 @@
     python bench/bench_k.py --quick    # 8 collections, the main methods (~1-2 min)
     python bench/bench_k.py --cost     # also time the recommended rule on 20,000 rows
     python bench/bench_k.py --restarts # also KMeans at the true k with n_init 4 and 10
-    python bench/bench_k.py --strength-excess  # also the strength's excess over references
+    python bench/bench_k.py --no-structure     # also three no-structure statistics
 
 Embeddings come from bench/kstudy_embed.py (segd's own decode + embed path, cached as npz
 under .cache/k-study/; run first, or it is run for you). Collections: clothing10 five and ten,
@@ -409,6 +409,10 @@ SEED_VARIANTS: dict[str, dict[str, Any]] = {
     SEGD: {"n_init": 10},
     ROUND_BEFORE: {},
     "segd (n_init 10), strength from 64 rows": {"n_init": 10, "small_below": 64},
+    # The no-structure test also passed by the gap (finding 9): structured when the
+    # silhouette's excess reaches 0.03 or the gap 0.1.
+    "segd (n_init 10), silhouette excess 0.03 or gap 0.1": {"n_init": 10, "excess_min": 0.03,
+                                                             "gap_min": 0.1},
     "segd, 16 halvings": {"splits": 16},
     "segd, 32 halvings": {"splits": 32},
     "segd, 10 reference draws": {"null_draws": 10},
@@ -857,42 +861,73 @@ def cost() -> str:
 RESTARTS = (4, 10)
 RESTART_SEEDS = 5
 EXCESS_SEEDS = (0, 1000)
+NULL_DRAWS = 3  # as KSelect.null_draws
 
 
-def _strength_excess(coll: Collection) -> list[tuple[str, int, int, float]]:
-    """Per seed: (collection, true k, k, strength(k) - the mean strength(k) of 3 angular
-    references), k = the largest k whose strength reaches 0.6 (else the strongest)."""
+@dataclass(frozen=True)
+class NullStats:
+    """Three no-structure statistics at the strength's k, each the rows' figure minus the
+    mean of the same 3 angular references'."""
+
+    collection: str
+    true_k: int
+    seed: int
+    k: int
+    silhouette: float  # segd's test
+    strength: float
+    gap: float  # log inertia: the references' minus the rows' (Tibshirani's gap)
+
+
+def _null_stats(coll: Collection) -> list[NullStats]:
+    """Per seed, k = the largest k whose strength reaches 0.6 (else the strongest)."""
+    from sklearn.metrics import silhouette_score
+
     from segd.core.kselect import angular_reference, prediction_strength
 
+    n_init = KSelect().n_init
     out = []
     with threadpool_limits(limits=1):
         z = ks.project(coll.x, ks.space_dims("pca32"))
         for seed in EXCESS_SEEDS:
             rng = np.random.default_rng(seed)
-            kk = list(KS)
-            strength = prediction_strength(z, kk, rng, seed=seed, n_init=ROWS_N_INIT)
-            k = max((k for k in kk if strength[k] >= 0.6), default=max(kk, key=strength.get))
-            null = np.mean([prediction_strength(angular_reference(z, rng, len(z)), [k], rng,
-                                                seed=seed + 1 + d, n_init=ROWS_N_INIT)[k]
-                            for d in range(3)])
-            out.append((coll.name, coll.true_k, k, strength[k] - float(null)))
+            strength = prediction_strength(z, KS, rng, seed=seed, n_init=n_init)
+            k = max((k for k in KS if strength[k] >= 0.6), default=max(KS, key=strength.get))
+            fit = ks.kmeans(z, k, seed, n_init=n_init)
+            refs = [angular_reference(z, rng, len(z)) for _ in range(NULL_DRAWS)]
+            ref_fits = [ks.kmeans(r, k, seed + 1 + d, n_init=n_init) for d, r in enumerate(refs)]
+            ref_strength = [prediction_strength(r, [k], rng, seed=seed + 1 + d,
+                                                n_init=n_init)[k] for d, r in enumerate(refs)]
+            out.append(NullStats(
+                coll.name, coll.true_k, seed, k,
+                silhouette=float(silhouette_score(z, fit.labels_) - np.mean(
+                    [silhouette_score(r, f.labels_) for r, f in zip(refs, ref_fits,
+                                                                     strict=True)])),
+                strength=strength[k] - float(np.mean(ref_strength)),
+                gap=float(np.mean([np.log(f.inertia_) for f in ref_fits])
+                          - np.log(fit.inertia_))))
     return out
 
 
-def strength_excess(jobs: int) -> str:
-    """The strength's excess over unstructured references at the strength's k, on every
-    collection of 150 rows or more: does it tell unstructured sets from structured ones?"""
+def no_structure_stats(jobs: int) -> str:
+    """The three statistics on every collection of 150 rows or more (segd tests from 150):
+    how far apart are the unstructured sets and the structured ones?"""
     colls = [c for c in real_collections() + synthetic_collections() + panel_collections()
              + clean_collections() + elongated_collections() if len(c.x) >= 150]
     with ProcessPoolExecutor(jobs) as pool:
-        rows = [r for rs in pool.map(_strength_excess, colls) for r in rs]
-    rows.sort(key=lambda r: r[3])
-    lines = ["| excess | collection | true k | k |", "|---|---|---|---|"]
-    lines += [f"| {e:+.3f} | {name} | {tk} | {k} |" for name, tk, k, e in rows]
-    unstructured = max(e for _, tk, _, e in rows if tk == 1)
-    structured = min(e for _, tk, _, e in rows if tk > 1)
-    return ("\n".join(lines) + f"\n\n{len(colls)} collections x {len(EXCESS_SEEDS)} seeds: "
-            f"unstructured up to {unstructured:+.3f}, structured from {structured:+.3f}")
+        rows = sorted((r for rs in pool.map(_null_stats, colls) for r in rs),
+                      key=lambda r: r.gap)
+    lines = ["| collection | true k | seed | k | silhouette excess | strength excess | gap |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.collection} | {r.true_k} | {r.seed} | {r.k} | {r.silhouette:+.3f} | "
+              f"{r.strength:+.3f} | {r.gap:+.3f} |" for r in rows]
+    lines.append(f"\n{len(colls)} collections x {len(EXCESS_SEEDS)} seeds, "
+                 f"n_init {KSelect().n_init}:")
+    for stat in ("silhouette", "strength", "gap"):
+        flat = max(getattr(r, stat) for r in rows if r.true_k == 1)
+        low = min(rows, key=lambda r: getattr(r, stat) if r.true_k > 1 else np.inf)
+        lines.append(f"- {stat}: unstructured up to {flat:+.3f}; structured from "
+                     f"{getattr(low, stat):+.3f} ({low.collection}, seed {low.seed})")
+    return "\n".join(lines)
 
 
 def _restart_aris(coll: Collection) -> tuple[str, dict[int, list[float]]]:
@@ -925,8 +960,8 @@ def main() -> None:
     ap.add_argument("--cost", action="store_true", help="also time the rule on 20,000 rows")
     ap.add_argument("--restarts", action="store_true",
                     help="also KMeans' ARI at the true k with 4 and 10 restarts")
-    ap.add_argument("--strength-excess", action="store_true",
-                    help="also the strength's excess over unstructured references")
+    ap.add_argument("--no-structure", action="store_true",
+                    help="also three no-structure statistics against the same references")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--show", nargs="*", default=None,
                     help="methods for the per-collection table (default: old vs recommended)")
@@ -1000,9 +1035,9 @@ def main() -> None:
     if args.restarts:
         print("\n## Restarts of the final fit\n")
         print(restarts(args.jobs))
-    if args.strength_excess:
-        print("\n## The strength's excess over unstructured references\n")
-        print(strength_excess(args.jobs))
+    if args.no_structure:
+        print("\n## No-structure statistics\n")
+        print(no_structure_stats(args.jobs))
 
 
 if __name__ == "__main__":

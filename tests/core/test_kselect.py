@@ -8,6 +8,7 @@ true k 0.83-0.95). The last test runs the real model on the CC0 photos in tests/
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,6 +128,18 @@ def test_an_elongated_blob_needs_the_angular_reference() -> None:
     assert gaussian.structured and not angular.structured
     assert gaussian.excess is not None and angular.excess is not None
     assert gaussian.excess > angular.excess + 0.03
+
+
+def test_the_gap_can_pass_rows_the_silhouette_excess_does_not() -> None:
+    """`gap_min` (a k study variant, off by default): the rows' KMeans inertia against the
+    references' also passes the no-structure test. With an excess no set reaches, clean
+    clusters pass by the gap alone and a blob still does not (its gap is about 0)."""
+    never = KSelect(excess_min=1.0)
+    clusters = projected(mixture(4, 60, 10.0, seed=3)[0])
+    assert not choose_k(clusters, KS, never).structured
+    assert choose_k(clusters, KS, dataclasses.replace(never, gap_min=0.1)).k == 4
+    flat = projected(blob(600, seed=0, power=0.5))
+    assert not choose_k(flat, KS, dataclasses.replace(never, gap_min=0.1)).structured
 
 
 def test_deterministic_for_a_seed() -> None:

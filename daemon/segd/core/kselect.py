@@ -36,7 +36,9 @@ rule "strength" (the default)
        structure: k = 1, `structured` False. If no k reaches the threshold, the test is
        run on the silhouette's choice instead (clean groups more numerous than k_max look
        irreproducible at every k) and decides between that choice and k = 1 (below
-       `test_min_rows` that choice stands).
+       `test_min_rows` that choice stands). `gap_min` (off; a variant of the k study) also lets
+       the rows pass by the gap: the references' mean log KMeans inertia at k minus the
+       rows'.
     3. Step up: rows with more groups than the largest k tried (16 or 20 kinds of photo,
        k_max 10) merge them differently in each half, and only a small k is reproducible.
        The silhouette, biased to small k, is trusted upwards: when a larger k's silhouette
@@ -98,6 +100,9 @@ class KSelect:
     null_draws: int = 3
     null_rows: int = 4000
     excess_min: float = 0.02
+    # Also structured when the gap (the references' mean log KMeans inertia at k minus the
+    # rows') reaches this; None: the silhouette's excess alone decides (a k study variant).
+    gap_min: float | None = None
     # Step down from the strength's k while the next smaller k passes too and its silhouette
     # is higher by more than this (None: off).
     step_down: float | None = 0.05
@@ -176,9 +181,9 @@ def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint) ->
         # each half): the no-structure test on the silhouette's choice tells them apart.
         best = max(ks, key=lambda kk: (scores[kk], -kk))
         fallback = _by_silhouette(z, ks, s, check)
-        excess = (_excess(z, fallback.k, fallback.scores[fallback.k], s, rng, check)
-                  if n >= s.test_min_rows else None)
-        if excess is None or excess >= s.excess_min:  # untested rows keep the silhouette's
+        excess, structured = (_excess(z, fallback.k, fallback.scores[fallback.k], s, rng, check)
+                              if n >= s.test_min_rows else (None, True))
+        if structured:  # untested rows keep the silhouette's
             return dataclasses.replace(fallback, excess=excess)
         return KChoice(k=1, scores=scores, method="strength", runner_up=best,
                        margin=s.threshold - scores[best], silhouette=None, excess=excess,
@@ -193,8 +198,8 @@ def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint) ->
     sils = {k: silhouette_at(k)}
     excess = None
     if n >= s.test_min_rows:
-        excess = _excess(z, k, sils[k], s, rng, check)
-        if excess < s.excess_min:
+        excess, structured = _excess(z, k, sils[k], s, rng, check)
+        if not structured:
             return KChoice(k=1, scores=scores, method="strength", runner_up=k,
                            margin=s.excess_min - excess, silhouette=None, excess=excess,
                            structured=False)
@@ -226,16 +231,25 @@ def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint) ->
 
 
 def _excess(z: np.ndarray, k: int, silhouette: float, s: KSelect, rng: np.random.Generator,
-            check: Checkpoint) -> float:
-    """The silhouette at k minus the mean silhouette of unstructured references like z."""
+            check: Checkpoint) -> tuple[float, bool]:
+    """The silhouette at k minus the mean silhouette of unstructured references like z, and
+    whether the rows pass the no-structure test."""
     reference = angular_reference if s.reference == "angular" else gaussian_reference
-    ref = 0.0
+    ref = ref_log_inertia = 0.0
     for d in range(s.null_draws):
         zr = reference(z, rng, min(len(z), s.null_rows))
         check()
-        labels = _kmeans(k, len(zr), s, s.seed + 1 + d).fit_predict(zr)
-        ref += _silhouette(zr, labels, s, s.seed + 1 + d) / s.null_draws
-    return silhouette - ref
+        model = _kmeans(k, len(zr), s, s.seed + 1 + d).fit(zr)
+        ref += _silhouette(zr, model.labels_, s, s.seed + 1 + d) / s.null_draws
+        ref_log_inertia += np.log(max(model.inertia_ / len(zr), 1e-30)) / s.null_draws
+    excess = silhouette - ref
+    if excess >= s.excess_min:
+        return excess, True
+    if s.gap_min is None:
+        return excess, False
+    check()
+    inertia = _kmeans(k, len(z), s, s.seed).fit(z).inertia_ / len(z)
+    return excess, ref_log_inertia - float(np.log(max(inertia, 1e-30))) >= s.gap_min
 
 
 def _strength_boundary(scores: dict[int, float], ks: list[int], passing: list[int],
