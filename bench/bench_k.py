@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "k-study"
 KS = list(range(2, 11))  # segd's default k range
 FIVE = ("dress", "hat", "pants", "shoes", "t-shirt")
-RESULTS_VERSION = 5
+RESULTS_VERSION = 6
 
 
 # ------------------------------------------------------------------------------------------
@@ -382,14 +382,19 @@ def hybrid_name(small: str, below: int, threshold: float = 0.8) -> str:
 
 # segd's rule as shipped: segd.core.kselect.choose_k with its defaults.
 DEFAULT = ("segd: silhouette below 100, else prediction strength (min over clusters) 0.6, "
-           "step down 0.05, step up 0.03, angular reference (from 150 rows), KMeans n_init 10")
-# The same with KMeans n_init 4: segd's rule of the round before, and the base of the rows
-# that vary one of its settings ("segd without the step down", "segd, min strength 0.5", ...).
-ROUND_BEFORE = "segd, KMeans n_init 4 (the round before)"
-ROWS_N_INIT = 4
-# The round before's with the silhouette below 150 rows (and the reference test from 100):
-# segd's rule of two rounds before.
-BELOW_150 = "segd, silhouette below 150 (two rounds before)"
+           "step down 0.05, step up 0.03, angular reference (from 150 rows: silhouette "
+           "excess 0.03 or gap 0.1), KMeans n_init 10")
+# The same with the silhouette's excess alone deciding (0.02): segd's rule of the round
+# before.
+ROUND_BEFORE = "segd, silhouette excess 0.02 alone (the round before)"
+ROUND_BEFORE_SETTINGS = {"excess_min": 0.02, "gap_min": None}
+# That with KMeans n_init 4: segd's rule of two rounds before, and the base of the rows that
+# vary one of its settings ("segd without the step down", "segd, min strength 0.5", ...).
+TWO_ROUNDS_BEFORE = "segd, KMeans n_init 4, excess alone (two rounds before)"
+ROWS_BASE = ROUND_BEFORE_SETTINGS | {"n_init": 4}
+# Two rounds before's with the silhouette below 150 rows (and the reference test from 100):
+# segd's rule of three rounds before.
+BELOW_150 = "segd, silhouette below 150 (three rounds before)"
 BELOW_150_SETTINGS = {"small_below": 150, "test_min_rows": 100}
 # The first study's strength: the mean over clusters, threshold 0.8, no step down or up.
 MEAN = {"aggregate": "mean", "threshold": 0.8, "step_up": None, "step_down": None}
@@ -404,22 +409,21 @@ JACCARD_THRESHOLDS = (0.6, 0.7, 0.75, 0.8)
 # the silhouette decides, and the angular reference needs more rows than dimensions).
 OTHER_SPACES = ("pca16", "pca48", "pca64", "pca128")
 SEEDS = (0, 1000, 2000, 3000, 4000)  # apart: the rule adds 0..splits to its seed
-SEGD = "segd's rule (n_init 10)"
+SEGD = "segd's rule"
+# The no-structure test passed by the silhouette's excess (0.03) or the gap (0.1): finding 9.
+SEGD_SETTINGS = {"n_init": 10, "excess_min": 0.03, "gap_min": 0.1}
 SEED_VARIANTS: dict[str, dict[str, Any]] = {
-    SEGD: {"n_init": 10},
-    ROUND_BEFORE: {},
-    "segd (n_init 10), strength from 64 rows": {"n_init": 10, "small_below": 64},
-    # The no-structure test also passed by the gap (finding 9): structured when the
-    # silhouette's excess reaches 0.03 or the gap 0.1.
-    "segd (n_init 10), silhouette excess 0.03 or gap 0.1": {"n_init": 10, "excess_min": 0.03,
-                                                             "gap_min": 0.1},
+    SEGD: SEGD_SETTINGS,
+    ROUND_BEFORE: {"n_init": 10},
+    TWO_ROUNDS_BEFORE: {},
+    "segd (n_init 10, excess alone), strength from 64 rows": {"n_init": 10, "small_below": 64},
     "segd, 16 halvings": {"splits": 16},
     "segd, 32 halvings": {"splits": 32},
     "segd, 10 reference draws": {"null_draws": 10},
     "segd, 16 halvings and 10 reference draws": {"splits": 16, "null_draws": 10},
 }
 # Rows at seed 0 that have a name of their own.
-AT_SEED_0 = {SEGD: DEFAULT, ROUND_BEFORE: ROUND_BEFORE}
+AT_SEED_0 = {SEGD: DEFAULT, ROUND_BEFORE: ROUND_BEFORE, TWO_ROUNDS_BEFORE: TWO_ROUNDS_BEFORE}
 # The study's own rows use the first reference: a Gaussian with z's mean and covariance.
 GAUSS = "gaussian"
 
@@ -450,7 +454,8 @@ def small_methods() -> list[MethodSpec]:
                           "hybrid"))
     out.append(MethodSpec("segd without the step down", "pca32", P(_segd, step_down=None),
                           "hybrid"))
-    out.append(MethodSpec(ROUND_BEFORE, "pca32", _segd, "hybrid"))
+    out.append(MethodSpec(ROUND_BEFORE, "pca32", P(_segd, n_init=10), "hybrid"))
+    out.append(MethodSpec(TWO_ROUNDS_BEFORE, "pca32", _segd, "hybrid"))
     out.append(MethodSpec("segd, strength from 64 rows", "pca32", P(_segd, small_below=64),
                           "hybrid"))
     out.append(MethodSpec(BELOW_150, "pca32", P(_segd, **BELOW_150_SETTINGS), "hybrid"))
@@ -532,9 +537,13 @@ def _segd_now(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator) -> ks.Choice
 
 
 def rule_of(**settings: Any) -> KSelect:
-    """The study's rows: KSelect with `settings`, and KMeans n_init 4 unless they say
-    otherwise (the n_init of every round before the fourth; segd's rule now uses 10)."""
-    return KSelect(**({"n_init": ROWS_N_INIT} | settings))
+    """The study's rows: KSelect with `settings`, on two rounds before's rule unless they
+    say otherwise (KMeans n_init 4, the silhouette's excess 0.02 alone: the base of every
+    round before the fourth)."""
+    return KSelect(**(ROWS_BASE | settings))
+
+
+assert rule_of(**SEGD_SETTINGS) == KSelect(), "SEGD_SETTINGS must be KSelect's defaults"
 
 
 def _hybrid(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *, small: str, below: int,
@@ -993,7 +1002,7 @@ def main() -> None:
     table, _ = summary_table(rows0)
     print("## Summary (ranked by failures of the k test, then worst, then mean ARI ratio)\n")
     print(table)
-    show = args.show or ["silhouette pca32", BEFORE, ROUND_BEFORE, DEFAULT]
+    show = args.show or ["silhouette pca32", BEFORE, TWO_ROUNDS_BEFORE, ROUND_BEFORE, DEFAULT]
     print("\n## Per collection: k chosen (ARI at that k); **x** = fails the k test\n")
     print(per_collection_table(rows, list(dict.fromkeys(show))))
     print("\n## Leave one collection out\n")

@@ -131,15 +131,18 @@ def test_an_elongated_blob_needs_the_angular_reference() -> None:
 
 
 def test_the_gap_can_pass_rows_the_silhouette_excess_does_not() -> None:
-    """`gap_min` (a k study variant, off by default): the rows' KMeans inertia against the
-    references' also passes the no-structure test. With an excess no set reaches, clean
-    clusters pass by the gap alone and a blob still does not (its gap is about 0)."""
-    never = KSelect(excess_min=1.0)
+    """`gap_min`: the rows' KMeans inertia against the references' also passes the
+    no-structure test. With an excess no set reaches, clean clusters pass by the gap alone
+    and a blob still does not (its gap is about 0)."""
+    never = KSelect(excess_min=1.0, gap_min=None)
     clusters = projected(mixture(4, 60, 10.0, seed=3)[0])
     assert not choose_k(clusters, KS, never).structured
-    assert choose_k(clusters, KS, dataclasses.replace(never, gap_min=0.1)).k == 4
-    flat = projected(blob(600, seed=0, power=0.5))
-    assert not choose_k(flat, KS, dataclasses.replace(never, gap_min=0.1)).structured
+    by_gap = choose_k(clusters, KS, dataclasses.replace(never, gap_min=0.1))
+    assert (by_gap.k, by_gap.structured) == (4, True)
+    assert by_gap.gap is not None and by_gap.gap >= 0.1
+    flat = choose_k(projected(blob(600, seed=0, power=0.5)), KS,
+                    dataclasses.replace(never, gap_min=0.1))
+    assert not flat.structured and flat.gap is not None and flat.gap < 0.1
 
 
 def test_deterministic_for_a_seed() -> None:
@@ -337,9 +340,10 @@ def test_real_photos_k_within_one_of_five(
 
 def test_more_groups_than_k_max_is_structure_not_none() -> None:
     """20 clean groups with k at most 10: only k = 2 is reproducible (pairs of groups merge
-    differently in each half), yet the rows are plainly clustered. The no-structure test
-    passes, and the step up hands the choice to the silhouette, whose larger k is far more
-    compact (without it: k = 2)."""
+    differently in each half), yet the rows are plainly clustered. The step up hands the
+    choice to the silhouette, whose larger k is far more compact, and the no-structure
+    test judges that k. At k = 2 the rows hardly beat a blob cut in two (excess 0.027,
+    gap 0.057): without the step up they are called unstructured."""
     z, _ = mixture(20, 30, 10.0, seed=3, dim=32)
     choice = choose_k(z, KS)
     assert choice.structured
@@ -348,12 +352,20 @@ def test_more_groups_than_k_max_is_structure_not_none() -> None:
     assert choice.excess >= KSelect().excess_min
     assert choice.runner_up == 2 and choice.margin is not None and choice.margin > 0
     assert set(choice.scores) == set(KS) and choice.silhouette == choice.scores[choice.k]
-    assert choose_k(z, KS, KSelect(step_up=None)).k == 2
+    without = choose_k(z, KS, KSelect(step_up=None))
+    assert (without.k, without.runner_up, without.structured) == (1, 2, False)
 
 
 def test_a_blob_is_still_unstructured_when_no_k_is_reproducible() -> None:
-    choice = choose_k(blob(600, seed=5), KS)
+    """A round blob: no k reaches the threshold, and the test on the silhouette's choice
+    finds neither an excess nor a gap."""
+    z = projected(blob(600, seed=5, power=0.0))
+    scores = kselect.prediction_strength(z, KS, np.random.default_rng(KSelect().seed))
+    assert max(scores.values()) < KSelect().threshold
+    choice = choose_k(z, KS)
     assert not choice.structured and choice.k == 1
+    gap_min = KSelect().gap_min
+    assert gap_min is not None and choice.gap is not None and choice.gap < gap_min
 
 
 def test_with_no_k_reproducible_and_too_few_rows_for_the_test_the_silhouette_decides() -> None:
