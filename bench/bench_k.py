@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import os
 import pickle
 import subprocess
@@ -936,6 +937,59 @@ def no_structure_stats(jobs: int) -> str:
         low = min(rows, key=lambda r: getattr(r, stat) if r.true_k > 1 else np.inf)
         lines.append(f"- {stat}: unstructured up to {flat:+.3f}; structured from "
                      f"{getattr(low, stat):+.3f} ({low.collection}, seed {low.seed})")
+    lines.append("\n" + thresholds_left_out(rows))
+    return "\n".join(lines)
+
+
+Thresholds = tuple[float, float | None]  # (excess_min, gap_min)
+EXCESS_GRID = tuple(round(0.005 * i, 3) for i in range(1, 13))  # 0.005..0.06
+GAP_GRID = (None, *(round(0.025 * i, 3) for i in range(1, 17)))  # off, 0.025..0.4
+
+
+def _passes(r: NullStats, t: Thresholds) -> bool:
+    """segd's test on the statistics: the silhouette's excess, or else the gap."""
+    excess_min, gap_min = t
+    return r.silhouette >= excess_min or (gap_min is not None and r.gap >= gap_min)
+
+
+def _right(r: NullStats, t: Thresholds) -> bool:
+    return _passes(r, t) == (r.true_k > 1)
+
+
+def _clearance(rows: list[NullStats], t: Thresholds) -> float:
+    """The row nearest the test's boundary: its distance, each figure over its threshold
+    (negative: on the wrong side)."""
+    excess_min, gap_min = t
+
+    def inside(r: NullStats) -> float:  # > 0: passes
+        by_gap = -np.inf if gap_min is None else (r.gap - gap_min) / gap_min
+        return max((r.silhouette - excess_min) / excess_min, by_gap)
+
+    return min(inside(r) if r.true_k > 1 else -inside(r) for r in rows)
+
+
+def best_thresholds(rows: list[NullStats]) -> Thresholds:
+    """The grid's thresholds with the fewest wrong calls, then the widest clearance."""
+    return max(itertools.product(EXCESS_GRID, GAP_GRID),
+               key=lambda t: (sum(_right(r, t) for r in rows), _clearance(rows, t)))
+
+
+def thresholds_left_out(rows: list[NullStats]) -> str:
+    """Leave one collection out over the test's thresholds: chosen on the others, are the
+    left-out collection's seeds called right?"""
+    names = list(dict.fromkeys(r.collection for r in rows))
+    every = best_thresholds(rows)
+    lines = [f"Thresholds (excess_min, gap_min) chosen on all {len(names)}: {every}, "
+             f"{sum(not _right(r, every) for r in rows)} wrong calls of {len(rows)}. "
+             "Leave one collection out (only those whose choice or call differs):"]
+    for name in names:
+        t = best_thresholds([r for r in rows if r.collection != name])
+        wrong = [r.seed for r in rows if r.collection == name and not _right(r, t)]
+        if wrong or t != every:
+            lines.append(f"- without {name}: {t}; it is called wrong at seeds {wrong}")
+    for t in ((0.02, None), (0.03, None), (0.03, 0.1)):
+        wrong_calls = [f"{r.collection} (seed {r.seed})" for r in rows if not _right(r, t)]
+        lines.append(f"- {t}: {len(wrong_calls)} wrong: {', '.join(wrong_calls) or '-'}")
     return "\n".join(lines)
 
 
