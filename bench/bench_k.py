@@ -388,7 +388,8 @@ DEFAULT = ("segd: silhouette below 100, else prediction strength (min over clust
 # The same with the silhouette's excess alone deciding (0.02): segd's rule of the round
 # before.
 ROUND_BEFORE = "segd, silhouette excess 0.02 alone (the round before)"
-ROUND_BEFORE_SETTINGS = {"excess_min": 0.02, "gap_min": None}
+ROUND_BEFORE_EXCESS = 0.02
+ROUND_BEFORE_SETTINGS = {"excess_min": ROUND_BEFORE_EXCESS, "gap_min": None}
 # That with KMeans n_init 4: segd's rule of two rounds before, and the base of the rows that
 # vary one of its settings ("segd without the step down", "segd, min strength 0.5", ...).
 TWO_ROUNDS_BEFORE = "segd, KMeans n_init 4, excess alone (two rounds before)"
@@ -987,7 +988,9 @@ def thresholds_left_out(rows: list[NullStats]) -> str:
         wrong = [r.seed for r in rows if r.collection == name and not _right(r, t)]
         if wrong or t != every:
             lines.append(f"- without {name}: {t}; it is called wrong at seeds {wrong}")
-    for t in ((0.02, None), (0.03, None), (0.03, 0.1)):
+    now = KSelect()
+    for t in ((ROUND_BEFORE_EXCESS, None), (now.excess_min, None),
+              (now.excess_min, now.gap_min)):
         wrong_calls = [f"{r.collection} (seed {r.seed})" for r in rows if not _right(r, t)]
         lines.append(f"- {t}: {len(wrong_calls)} wrong: {', '.join(wrong_calls) or '-'}")
     return "\n".join(lines)
