@@ -38,7 +38,8 @@ rule "strength" (the default)
        sets give an excess of up to 0.025 and a gap of up to 0.047; structured ones an
        excess of 0.039 or more, but for overlapping synthetic clusters (down to -0.021 over
        five seeds), whose gap is 0.19. Neither figure alone separates the two kinds; the
-       pair does, at every seed of five. If both fall short, the rows have no cluster
+       pair does, at every seed of five (each threshold rests on one collection, though:
+       docs/quality.md, finding 9). If both fall short, the rows have no cluster
        structure: k = 1, `structured` False. If no k reaches the threshold, the test is run
        on the silhouette's choice instead (clean groups more numerous than k_max look
        irreproducible at every k) and decides between that choice and k = 1 (below
