@@ -701,3 +701,34 @@ def test_real_watch_limit_in_a_user_namespace(inbox: Path) -> None:
     limit_lines = [w for w in result["warnings"] if "max_user_watches" in w]
     assert len(limit_lines) == 1 and "sysctl" in limit_lines[0], result["warnings"]
     assert "4 in this user namespace" in limit_lines[0]  # the limit that actually applied
+
+
+@needs_inotify
+def test_the_emitters_stop_race_is_no_error(inbox: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """watchdog's own inotify emitter, asked for events after its stop closed the handle
+    (what its thread does when stop() wakes it at the wrong moment), logs an ERROR; segd
+    shows it as a DEBUG line, and any other ERROR of that logger as it is."""
+    from watchdog.observers.api import EventQueue, ObservedWatch
+    from watchdog.observers.inotify import InotifyEmitter
+    from watchdog.observers.inotify_c import InotifyFD
+
+    watchdog_log = logging.getLogger("watchdog.observers.inotify")
+    fd = InotifyFD()  # its own, not the process-wide one: the test stops it
+    fd.start()
+    emitter = InotifyEmitter(EventQueue(), ObservedWatch(inbox, recursive=False),
+                             inotify_fd=fd)
+    emitter.on_thread_start()
+    emitter.on_thread_stop()
+    fd.stop()
+    fd.join()
+    with caplog.at_level(logging.INFO):
+        emitter.queue_events(0)
+        watchdog_log.error("some other failure")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", "some other failure")]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger=watchdog_log.name):
+        emitter.queue_events(0)
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+    assert "thread is inactive" in caplog.records[0].getMessage()

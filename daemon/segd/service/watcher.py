@@ -72,6 +72,24 @@ from segd.service.inotify_limits import (
 
 log = logging.getLogger(__name__)
 
+
+class StopRaceFilter(logging.Filter):
+    """watchdog's inotify emitter, woken from its read by the observer's stop(), may look
+    once more and log an ERROR that "the thread is inactive"; it then returns no events,
+    as a stopped emitter should. segd stops its observers itself (at shutdown, or to
+    rebuild a watch), so that line is no error of the watch: it is logged at DEBUG."""
+
+    MESSAGE = "InotifyEmitter.queue_events() called when the thread is inactive"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.ERROR or record.getMessage() != self.MESSAGE:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(StopRaceFilter())
+
 # How long `stop()` waits for each thread. Every thread here wakes on an event or a pipe, so
 # this is a safety bound, not the expected time.
 _JOIN_TIMEOUT_S = 2.0
