@@ -47,13 +47,14 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kselect_study as ks
 
+import segd.core.kselect as kselect
 from segd.core.kselect import KChoice, KSelect, choose_k
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "k-study"
 KS = list(range(2, 11))  # segd's default k range
 FIVE = ("dress", "hat", "pants", "shoes", "t-shirt")
-RESULTS_VERSION = 6
+RESULTS_VERSION = 7
 
 
 # ------------------------------------------------------------------------------------------
@@ -382,28 +383,30 @@ def hybrid_name(small: str, below: int, threshold: float = 0.8) -> str:
 
 
 # segd's rule as shipped: segd.core.kselect.choose_k with its defaults.
-DEFAULT = ("segd: silhouette below 100, else prediction strength (min over clusters) 0.6, "
-           "step down 0.05, step up 0.03, angular reference (from 150 rows: silhouette "
+DEFAULT = ("segd: silhouette below 64, else prediction strength (min over clusters) 0.6, "
+           "step down 0.05, step up 0.01, angular reference (from 150 rows: silhouette "
            "excess 0.03 or gap 0.1), KMeans n_init 10")
-# The same with the silhouette's excess alone deciding (0.02): segd's rule of the round
-# before.
-ROUND_BEFORE = "segd, silhouette excess 0.02 alone (the round before)"
-ROUND_BEFORE_EXCESS = 0.02
-ROUND_BEFORE_SETTINGS = {"excess_min": ROUND_BEFORE_EXCESS, "gap_min": None}
-# That with KMeans n_init 4: segd's rule of two rounds before, and the base of the rows that
-# vary one of its settings ("segd without the step down", "segd, min strength 0.5", ...).
-TWO_ROUNDS_BEFORE = "segd, KMeans n_init 4, excess alone (two rounds before)"
-ROWS_BASE = ROUND_BEFORE_SETTINGS | {"n_init": 4}
-# Two rounds before's with the silhouette below 150 rows (and the reference test from 100):
-# segd's rule of three rounds before.
-BELOW_150 = "segd, silhouette below 150 (three rounds before)"
+# The rules segd shipped after earlier rounds of the study, by round. The fifth's: the
+# strength from 100 rows, the step up at 0.03.
+FIFTH = "segd of the fifth round: strength from 100 rows, step up 0.03"
+FIFTH_SETTINGS = {"n_init": 10, "excess_min": 0.03, "gap_min": 0.1}
+# The fourth's: that with the silhouette's excess alone deciding the test (0.02).
+FOURTH = "segd of the fourth round: silhouette excess 0.02 alone"
+FOURTH_EXCESS = 0.02
+# The third's: that with KMeans n_init 4, the base of the rows that vary one of its settings
+# ("segd without the step down", "segd, min strength 0.5", ...).
+THIRD = "segd of the third round: KMeans n_init 4, excess alone"
+ROWS_BASE = {"excess_min": FOURTH_EXCESS, "gap_min": None, "n_init": 4, "small_below": 100,
+             "step_up": 0.03}
+# The second's: the third's with the silhouette below 150 rows (and the test from 100).
+SECOND = "segd of the second round: silhouette below 150"
 BELOW_150_SETTINGS = {"small_below": 150, "test_min_rows": 100}
 # The first study's strength: the mean over clusters, threshold 0.8, no step down or up.
 MEAN = {"aggregate": "mean", "threshold": 0.8, "step_up": None, "step_down": None}
 # segd's rule after the first study: that strength, stepped down by the silhouette.
 BEFORE = "segd before: silhouette below 150, else mean strength 0.8, step-down 0.05"
 BEFORE_SETTINGS = dict(MEAN, step_down=0.05, **BELOW_150_SETTINGS)
-# The round before's rule at other thresholds, and without each of its steps.
+# The third round's rule at other thresholds, and without each of its steps.
 MIN_THRESHOLDS = (0.5, 0.7)
 # Clusterwise stability (Hennig 2007) in place of the strength.
 JACCARD_THRESHOLDS = (0.6, 0.7, 0.75, 0.8)
@@ -412,12 +415,17 @@ JACCARD_THRESHOLDS = (0.6, 0.7, 0.75, 0.8)
 OTHER_SPACES = ("pca16", "pca48", "pca64", "pca128")
 SEEDS = (0, 1000, 2000, 3000, 4000)  # apart: the rule adds 0..splits to its seed
 SEGD = "segd's rule"
-# The no-structure test passed by the silhouette's excess (0.03) or the gap (0.1): finding 9.
-SEGD_SETTINGS = {"n_init": 10, "excess_min": 0.03, "gap_min": 0.1}
+# The strength from 64 rows and the step up at 0.01 (sixth round): finding 12.
+SEGD_SETTINGS = FIFTH_SETTINGS | {"small_below": 64, "step_up": 0.01}
 SEED_VARIANTS: dict[str, dict[str, Any]] = {
     SEGD: SEGD_SETTINGS,
-    ROUND_BEFORE: {"n_init": 10},
-    TWO_ROUNDS_BEFORE: {},
+    FIFTH: FIFTH_SETTINGS,
+    FOURTH: {"n_init": 10},
+    THIRD: {},
+    "segd, step up at any lead (0)": SEGD_SETTINGS | {"step_up": 0.0},
+    "segd, step up 0.02": SEGD_SETTINGS | {"step_up": 0.02},
+    "segd, step up 0.03": SEGD_SETTINGS | {"step_up": 0.03},
+    "segd, strength from 100 rows": SEGD_SETTINGS | {"small_below": 100},
     "segd (n_init 10, excess alone), strength from 64 rows": {"n_init": 10, "small_below": 64},
     "segd, 16 halvings": {"splits": 16},
     "segd, 32 halvings": {"splits": 32},
@@ -425,7 +433,7 @@ SEED_VARIANTS: dict[str, dict[str, Any]] = {
     "segd, 16 halvings and 10 reference draws": {"splits": 16, "null_draws": 10},
 }
 # Rows at seed 0 that have a name of their own.
-AT_SEED_0 = {SEGD: DEFAULT, ROUND_BEFORE: ROUND_BEFORE, TWO_ROUNDS_BEFORE: TWO_ROUNDS_BEFORE}
+AT_SEED_0 = {SEGD: DEFAULT, FIFTH: FIFTH, FOURTH: FOURTH, THIRD: THIRD}
 # The study's own rows use the first reference: a Gaussian with z's mean and covariance.
 GAUSS = "gaussian"
 
@@ -456,11 +464,12 @@ def small_methods() -> list[MethodSpec]:
                           "hybrid"))
     out.append(MethodSpec("segd without the step down", "pca32", P(_segd, step_down=None),
                           "hybrid"))
-    out.append(MethodSpec(ROUND_BEFORE, "pca32", P(_segd, n_init=10), "hybrid"))
-    out.append(MethodSpec(TWO_ROUNDS_BEFORE, "pca32", _segd, "hybrid"))
+    out.append(MethodSpec(FIFTH, "pca32", P(_segd, **FIFTH_SETTINGS), "hybrid"))
+    out.append(MethodSpec(FOURTH, "pca32", P(_segd, n_init=10), "hybrid"))
+    out.append(MethodSpec(THIRD, "pca32", _segd, "hybrid"))
     out.append(MethodSpec("segd, strength from 64 rows", "pca32", P(_segd, small_below=64),
                           "hybrid"))
-    out.append(MethodSpec(BELOW_150, "pca32", P(_segd, **BELOW_150_SETTINGS), "hybrid"))
+    out.append(MethodSpec(SECOND, "pca32", P(_segd, **BELOW_150_SETTINGS), "hybrid"))
     out.append(MethodSpec("segd, no-structure test from 100 rows", "pca32",
                           P(_segd, test_min_rows=100), "hybrid"))
     out += [MethodSpec(jaccard_name(t), "pca32", P(_jaccard, threshold=t), "hybrid")
@@ -515,6 +524,29 @@ def _as_choice(c: KChoice) -> ks.Choice:
     return ks.Choice(c.k, c.scores, c.structured, note=_note(c))
 
 
+# Many rows differ only after the strength (its threshold, the steps, the test): within a
+# process, choose_k's strength of the same rows, k range, generator state and settings is
+# computed once, and the generator left as the computation leaves it.
+_STRENGTHS: dict[tuple[Any, ...], tuple[dict[int, float], dict[str, Any]]] = {}
+_prediction_strength = kselect.prediction_strength
+
+
+def _shared_strength(z: np.ndarray, kk: list[int], rng: np.random.Generator,
+                     **settings: Any) -> dict[int, float]:
+    key = (hashlib.sha1(np.ascontiguousarray(z).tobytes()).hexdigest(), tuple(kk),
+           repr(rng.bit_generator.state),
+           *(settings.get(name) for name in ("splits", "n_init", "seed", "aggregate")))
+    if key not in _STRENGTHS:
+        scores = _prediction_strength(z, kk, rng, **settings)
+        _STRENGTHS[key] = (scores, rng.bit_generator.state)
+    scores, state = _STRENGTHS[key]
+    rng.bit_generator.state = state
+    return dict(scores)
+
+
+kselect.prediction_strength = _shared_strength
+
+
 def _memo(ctx: ks.Ctx, kk: list[int], settings: KSelect) -> KChoice:
     if settings not in ctx.memo:
         ctx.memo[settings] = choose_k(ctx.z, kk, settings)
@@ -539,9 +571,9 @@ def _segd_now(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator) -> ks.Choice
 
 
 def rule_of(**settings: Any) -> KSelect:
-    """The study's rows: KSelect with `settings`, on two rounds before's rule unless they
-    say otherwise (KMeans n_init 4, the silhouette's excess 0.02 alone: the base of every
-    round before the fourth)."""
+    """The study's rows: KSelect with `settings`, on the third round's rule unless they say
+    otherwise (KMeans n_init 4, the silhouette's excess 0.02 alone, the strength from 100
+    rows, the step up at 0.03: the base of every round before the fourth)."""
     return KSelect(**(ROWS_BASE | settings))
 
 
@@ -736,9 +768,10 @@ def over_seeds_table(rows: list[Row]) -> str:
     """Per variant of SEED_VARIANTS: the k tests and the mean ARI ratio at each seed, the
     worst ratio over all seeds, and the worst on real photos at each seed."""
     grouped = by_method(rows)
-    lines = ["| variant | k ok per seed | mean | mean ratio per seed | mean | worst ratio "
-             "(collection) | worst on real photos per seed | unstructured called so |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | k ok per seed | mean | mean ratio per seed | mean | mean ARI chosen "
+             "/ at true k per seed | worst ratio (collection) | worst on real photos per seed "
+             "| unstructured called so |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for v in SEED_VARIANTS:
         runs = [grouped[n] for seed in SEEDS if (n := seeded_name(v, seed)) in grouped]
         if not runs:
@@ -751,10 +784,42 @@ def over_seeds_table(rows: list[Row]) -> str:
             f"{np.mean([x.ok for x in sums]):.1f} | "
             f"{', '.join(f'{x.mean_ratio:.3f}' for x in sums)} | "
             f"{np.mean([x.mean_ratio for x in sums]):.3f} | "
+            f"{', '.join(f'{x.mean_ari / x.mean_ari_true:.3f}' for x in sums)} | "
             f"{worst.worst_ratio:.2f} ({worst.worst_collection}) | "
             f"{', '.join(f'{x.worst_ratio:.2f}' for x in real)} | "
             f"{', '.join(x.unstructured_ok for x in sums)} |")
     return "\n".join(lines)
+
+
+# The sixth round's candidates: segd's rule with each of its two new settings as before.
+SIXTH_ROUND = (SEGD, FIFTH, "segd, step up at any lead (0)", "segd, step up 0.02",
+               "segd, step up 0.03", "segd, strength from 100 rows")
+
+
+def leave_one_out_over_seeds(rows: list[Row], variants: tuple[str, ...] = SIXTH_ROUND
+                             ) -> str:
+    """Leave one collection out among `variants` of SEED_VARIANTS, each judged on all five
+    seeds at once: chosen on the other collections (rank_key), how does it do on the one
+    left out, at each seed?"""
+    grouped = by_method(rows)
+    runs = {v: [r for seed in SEEDS for r in grouped.get(seeded_name(v, seed), [])]
+            for v in variants}
+    colls = list(dict.fromkeys(r.collection for r in runs[variants[0]]))
+    picks: dict[str, int] = {}
+    ok = total = 0
+    ratios: list[float] = []
+    for c in colls:
+        best = max(variants, key=lambda v: rank_key(
+            summarise([r for r in runs[v] if r.collection != c])))
+        picks[best] = picks.get(best, 0) + 1
+        held = [r for r in runs[best] if r.collection == c]
+        ok += sum(k_ok(r) for r in held)
+        total += len(held)
+        ratios += [r.ari / r.ari_true if r.ari_true else 0.0 for r in held if r.true_k > 1]
+    return (f"Held-out k test passed {ok} times of {total} ({len(colls)} collections x "
+            f"{len(SEEDS)} seeds); held-out mean ARI ratio {np.mean(ratios):.3f}, worst "
+            f"{np.min(ratios):.2f}. Picked: "
+            + ", ".join(f"{v} ({n}x)" for v, n in picks.items()) + ".")
 
 
 def rank_key(s: Summary) -> tuple[float, ...]:
@@ -989,7 +1054,7 @@ def thresholds_left_out(rows: list[NullStats]) -> str:
         if wrong or t != every:
             lines.append(f"- without {name}: {t}; it is called wrong at seeds {wrong}")
     now = KSelect()
-    for t in ((ROUND_BEFORE_EXCESS, None), (now.excess_min, None),
+    for t in ((FOURTH_EXCESS, None), (now.excess_min, None),
               (now.excess_min, now.gap_min)):
         wrong_calls = [f"{r.collection} (seed {r.seed})" for r in rows if not _right(r, t)]
         lines.append(f"- {t}: {len(wrong_calls)} wrong: {', '.join(wrong_calls) or '-'}")
@@ -1059,13 +1124,15 @@ def main() -> None:
     table, _ = summary_table(rows0)
     print("## Summary (ranked by failures of the k test, then worst, then mean ARI ratio)\n")
     print(table)
-    show = args.show or ["silhouette pca32", BEFORE, TWO_ROUNDS_BEFORE, ROUND_BEFORE, DEFAULT]
+    show = args.show or ["silhouette pca32", BEFORE, THIRD, FOURTH, FIFTH, DEFAULT]
     print("\n## Per collection: k chosen (ARI at that k); **x** = fails the k test\n")
     print(per_collection_table(rows, list(dict.fromkeys(show))))
     print("\n## Leave one collection out\n")
     print(leave_one_out(rows0))
     print(f"\n## segd's rule and variants at seeds {', '.join(map(str, SEEDS))}\n")
     print(over_seeds_table(rows))
+    print("\n## Leave one collection out among the sixth round's candidates, five seeds\n")
+    print(leave_one_out_over_seeds(rows))
     if panel:
         prow = [r for c in panel for r in out[c.name]]
         crow = [r for c in clean for r in out[c.name]]
@@ -1084,6 +1151,9 @@ def main() -> None:
         print(f"\n## All together ({len(both) // len(extra_specs)}), at seeds "
               f"{', '.join(map(str, SEEDS))}\n")
         print(over_seeds_table(both))
+        print("\n## Leave one collection out among the sixth round's candidates, five "
+              "seeds, all together\n")
+        print(leave_one_out_over_seeds(both))
         print("\n## Panel and well-separated, per collection\n")
         print(per_collection_table(prow + crow, list(dict.fromkeys(show))))
         print("\n## Leave one collection out, all together, among the small-n candidates\n")

@@ -52,7 +52,7 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class ClusteringConfig:
     k: int | Literal["auto"] = "auto"
-    # How k = auto chooses (segd.core.kselect): "strength" = the silhouette below 100 images,
+    # How k = auto chooses (segd.core.kselect): "strength" = the silhouette below 64 images,
     # prediction strength above, with a no-structure test from 150 (on the projection: with
     # pca_dims 0 the silhouette decides); "silhouette" = the silhouette only.
     k_rule: KRule = "strength"

@@ -158,12 +158,40 @@ def test_deterministic_for_a_seed() -> None:
 
 def test_silhouette_below_small_below_strength_from_it() -> None:
     z, _ = mixture(3, 60, 10.0, seed=2)  # 180 rows
-    below, at = choose_k(z[:99], KS), choose_k(z[:100], KS)
+    n = KSelect().small_below
+    below, at = choose_k(z[:n - 1], KS), choose_k(z[:n], KS)
     assert below.method == "silhouette" and at.method == "strength"
-    assert below == choose_k(z[:99], KS, KSelect(rule="silhouette"))
-    assert at == choose_k(z[:100], KS, KSelect(small_below=0))
+    assert below == choose_k(z[:n - 1], KS, KSelect(rule="silhouette"))
+    assert at == choose_k(z[:n], KS, KSelect(small_below=0))
     assert choose_k(z[:150], KS, KSelect(small_below=150)).method == "strength"
     assert choose_k(z[:149], KS, KSelect(small_below=150)).method == "silhouette"
+
+
+def two_pairs(per: int, *, near: float, seed: int, dim: int = 16) -> tuple[np.ndarray,
+                                                                           np.ndarray]:
+    """Four clusters in two pairs: the pairs' centres 10 from the origin, each cluster
+    `near` from its pair's centre."""
+    rng = np.random.default_rng(seed)
+    pair, offset = rng.standard_normal((2, 2, dim))
+    pair *= 10.0 / np.linalg.norm(pair, axis=1, keepdims=True)
+    offset *= near / np.linalg.norm(offset, axis=1, keepdims=True)
+    centres = np.concatenate([pair + offset, pair - offset])
+    y = np.repeat(np.arange(4), per)
+    x = centres[y] + rng.standard_normal((len(y), dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_from_small_below_the_strength_keeps_pairs_the_silhouette_merges(seed: int) -> None:
+    """80 rows of four clusters in two pairs: the silhouette, biased to small k, merges each
+    pair (k = 2); from 64 rows the strength reproduces all four."""
+    z, y = two_pairs(20, near=4.0, seed=seed)
+    assert len(z) >= KSelect().small_below
+    assert choose_k(z, KS, KSelect(rule="silhouette")).k == 2
+    choice = choose_k(z, KS)
+    assert (choice.k, choice.method) == (4, "strength")
+    labels = KMeans(4, n_init=10, random_state=0).fit_predict(z)
+    assert adjusted_rand_score(y, labels) == 1.0
 
 
 def test_the_no_structure_test_runs_from_test_min_rows() -> None:
