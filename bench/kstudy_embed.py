@@ -7,15 +7,22 @@ embedder's input size, resize = "crop"), batched through `embed_stream` into
 `Embedder.embed` (CPU, fp32, no mirror: the shipped defaults). One npz per data set:
 embeddings (n, 1280) float32 L2-normalised, labels (n,) int, classes, paths. Photos are read
 in place; nothing from the data sets is copied into the project.
+
+Besides the shared photo sets, "digits": scikit-learn's bundled handwritten digits (1,797
+scans of 8 x 8 pixels, 10 classes, from the UCI repository; offline, in the wheel), drawn as
+dark ink on white 64 x 64 PNGs in a temporary folder and embedded by the same path. No round
+of the k study chose a setting on it (docs/quality.md, "A collection no round saw").
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 # The package is being split into subpackages (segd.core, segd.media); accept either layout.
@@ -32,6 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 DATASETS = Path("/work/shared/datasets")
 CACHE = REPO / ".cache" / "k-study"
 SETS = ("clothing10", "scenes6")
+DIGITS = "digits"
+DIGIT_PX = 64
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
@@ -47,11 +56,26 @@ def list_photos(data: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     return paths, np.asarray(labels), classes
 
 
-def embed_set(name: str, cache: Path, embedder: Embedder) -> Path:
+def render_digits(dest: Path) -> Path:
+    """scikit-learn's digits as PNGs, one folder per digit: ink 0..16 -> grey 255..0,
+    enlarged by bicubic interpolation (a scan's blur, not the 8 x 8 blocks)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for i, (img, digit) in enumerate(zip(d.images, d.target, strict=True)):
+        folder = dest / f"digit {digit}"
+        folder.mkdir(parents=True, exist_ok=True)
+        grey = (255 - np.round(img * (255 / 16))).astype(np.uint8)
+        big = cv2.resize(grey, (DIGIT_PX, DIGIT_PX), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(folder / f"{i:04d}.png"), big)
+    return dest
+
+
+def embed_set(name: str, cache: Path, embedder: Embedder, data: Path | None = None) -> Path:
     out = cache / f"{name}.npz"
     if out.exists():
         return out
-    paths, labels, classes = list_photos(DATASETS / name)
+    paths, labels, classes = list_photos(data or DATASETS / name)
     opts = DecodeOptions(size=embedder.input_size, resize="crop")
     t0 = time.perf_counter()
     vectors: list[np.ndarray] = []
@@ -82,6 +106,9 @@ def main() -> None:
     embedder = Embedder(gpu="off")
     for name in SETS:
         embed_set(name, args.cache, embedder)
+    if not (args.cache / f"{DIGITS}.npz").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            embed_set(DIGITS, args.cache, embedder, render_digits(Path(tmp)))
 
 
 if __name__ == "__main__":
