@@ -14,8 +14,8 @@ scenes6 (benchmark only, read in place), labelled sub-collections of those (rand
 4-class subsets, 2-class, unbalanced 4:1, small 32-150 photos), and synthetic mixtures on
 the sphere in the 1280-d space with known k (k = 1, 3, 5, 8) whose within-cluster noise is
 the real within-class residual covariance of clothing10 and whose overlap is set so that
-KMeans at the true k scores an ARI like the real sets do. Held out (`--held-out`, apart from
-every table above it): 15 collections of handwritten digits, which no round of the study
+KMeans at the true k scores an ARI like the real sets do. Held out (`--held-out`, kept out of
+every other table): 15 collections of handwritten digits, which no round of the study
 saw.
 
 For every method and collection: chosen k, ARI at the chosen k (KMeans in the method's
