@@ -941,13 +941,48 @@ def held_out(show: list[str], jobs: int) -> str:
         out = dict(zip([c.name for c in colls], pool.map(_run, [(c, specs) for c in colls]),
                        strict=True))
     rows = [r for c in colls for r in out[c.name]]
+    called_flat = {r.collection for r in rows if r.method == DEFAULT and r.k == 1}
+    flat = [c for c in synthetic_collections() if c.true_k == 1] + elongated_collections()
     return "\n".join([
         f"## Held out: {len(colls)} collections of handwritten digits x {len(specs)} rules\n",
         summary_table(at_seed_0(rows))[0],
         "\n## Per collection: k chosen (ARI at that k); **x** = fails the k test\n",
         per_collection_table(rows, show),
         f"\n## segd's rule and variants at seeds {', '.join(map(str, SEEDS))}\n",
-        over_seeds_table(rows)])
+        over_seeds_table(rows),
+        "\n## The no-structure statistics at every k: the digits segd's rule calls one "
+        "cluster, and the study's unstructured sets\n",
+        excess_by_k_table([c for c in colls if c.name in called_flat] + flat)])
+
+
+def excess_by_k_table(colls: list[Collection]) -> str:
+    """The silhouette's excess and the gap over 3 angular references (seed 0, n_init 10) at
+    each k of KS: segd's test judges one k; would any k tell the sets apart?"""
+    from sklearn.metrics import silhouette_score
+
+    from segd.core.kselect import angular_reference
+
+    n_init = KSelect().n_init
+    lines = ["| collection | statistic | " + " | ".join(f"k={k}" for k in KS) + " | max |",
+             "|---|---|" + "---|" * (len(KS) + 1)]
+    with threadpool_limits(limits=1):
+        for c in colls:
+            z = ks.project(c.x, ks.space_dims("pca32"))
+            rng = np.random.default_rng(0)
+            refs = [angular_reference(z, rng, len(z)) for _ in range(NULL_DRAWS)]
+            excess, gap = [], []
+            for k in KS:
+                fit = ks.kmeans(z, k, 0, n_init=n_init)
+                ref_fits = [ks.kmeans(r, k, 1 + d, n_init=n_init) for d, r in enumerate(refs)]
+                excess.append(silhouette_score(z, fit.labels_) - np.mean(
+                    [silhouette_score(r, f.labels_) for r, f in zip(refs, ref_fits,
+                                                                     strict=True)]))
+                gap.append(np.mean([np.log(f.inertia_) for f in ref_fits])
+                           - np.log(fit.inertia_))
+            for name, vals in (("excess", excess), ("gap", gap)):
+                lines.append(f"| {c.name} | {name} | " + " | ".join(f"{v:+.3f}" for v in vals)
+                             + f" | {max(vals):+.3f} |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------
