@@ -96,7 +96,8 @@ class RefitScheduler:
             # No structure yet: the photos stay pending; try again after some growth.
             self.unstructured_n = report.n
             self.waiting = (f"no structure found in {report.n} images; they wait in the "
-                            f"inbox, next try at {next_try_at(report.n)} images")
+                            f"inbox, next try at {next_try_at(report.n)} images "
+                            "(`segd refit --k N` files them now)")
             log.info("no clusters yet: %s", self.waiting)
             notify.status(host.status_line())
         return report

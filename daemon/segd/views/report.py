@@ -25,10 +25,13 @@ def choice_line(fit: FitResult) -> str:
         return f"k = {fit.k} as asked (--k or clustering.k)."
     name = score_name(fit.rule)
     if not fit.structured:
+        # Weakly clustered real photos can look like that too (docs/quality.md, "A
+        # collection no round saw"): say which split came nearest.
+        nearest = f" (the nearest to a split: k = {fit.runner_up})" if fit.runner_up else ""
         return (f"No cluster structure found: no k from {min(fit.scores, default=2)} to "
                 f"{max(fit.scores, default=2)} separates these images better than "
                 "unstructured data of the same size would, so they all went into one "
-                "folder. Pass --k N to split them anyway.")
+                f"folder. Pass --k N to split them anyway{nearest}.")
     sure = f", margin {fit.margin:+.3f}" if fit.margin is not None else ""
     runner = f"; runner-up k = {fit.runner_up}" if fit.runner_up is not None else ""
     return f"k = {fit.k} chosen by the {name}{sure}{runner}."
