@@ -34,12 +34,12 @@ def test_no_structure_is_said_plainly_and_nothing_is_marked_chosen() -> None:
     table = fit_table(fit(k=1, structured=False, runner_up=None, margin=-0.1),
                       {"cluster-01": 3})
     assert "No cluster structure found" in table and "--k N" in table
-    assert "<- chosen" not in table and "nearest" not in table
+    assert "<- chosen" not in table and "candidate" not in table
 
 
 def test_no_structure_names_the_split_that_came_nearest() -> None:
     line = choice_line(fit(k=1, structured=False, runner_up=3, margin=0.005))
-    assert line.endswith("Pass --k N to split them anyway (the nearest to a split: k = 3).")
+    assert line.endswith("Pass --k N to split them anyway (the best candidate was k = 3).")
 
 
 def test_a_fixed_k_is_reported_as_asked() -> None:

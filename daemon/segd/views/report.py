@@ -26,8 +26,8 @@ def choice_line(fit: FitResult) -> str:
     name = score_name(fit.rule)
     if not fit.structured:
         # Weakly clustered real photos can look like that too (docs/quality.md, "A
-        # collection no round saw"): say which split came nearest.
-        nearest = f" (the nearest to a split: k = {fit.runner_up})" if fit.runner_up else ""
+        # collection no round saw"): say which split came nearest to passing.
+        nearest = f" (the best candidate was k = {fit.runner_up})" if fit.runner_up else ""
         return (f"No cluster structure found: no k from {min(fit.scores, default=2)} to "
                 f"{max(fit.scores, default=2)} separates these images better than "
                 "unstructured data of the same size would, so they all went into one "
