@@ -27,11 +27,11 @@ def choice_line(fit: FitResult) -> str:
     if not fit.structured:
         # Weakly clustered real photos can look like that too (docs/quality.md, "A
         # collection no round saw"): say which split came nearest to passing.
-        nearest = f" (the best candidate was k = {fit.runner_up})" if fit.runner_up else ""
+        candidate = f" (the best candidate was k = {fit.runner_up})" if fit.runner_up else ""
         return (f"No cluster structure found: no k from {min(fit.scores, default=2)} to "
                 f"{max(fit.scores, default=2)} separates these images better than "
                 "unstructured data of the same size would, so they all went into one "
-                f"folder. Pass --k N to split them anyway{nearest}.")
+                f"folder. Pass --k N to split them anyway{candidate}.")
     sure = f", margin {fit.margin:+.3f}" if fit.margin is not None else ""
     runner = f"; runner-up k = {fit.runner_up}" if fit.runner_up is not None else ""
     return f"k = {fit.k} chosen by the {name}{sure}{runner}."
