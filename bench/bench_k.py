@@ -829,8 +829,10 @@ def leave_one_out_over_seeds(rows: list[Row], variants: tuple[str, ...] = SIXTH_
     seeds at once: chosen on the other collections (rank_key), how does it do on the one
     left out, at each seed?"""
     grouped = by_method(rows)
-    runs = {v: [r for seed in SEEDS for r in grouped.get(seeded_name(v, seed), [])]
-            for v in variants}
+    variants = tuple(v for v in variants if all(seeded_name(v, s) in grouped for s in SEEDS))
+    if len(variants) < 2:
+        return "(not run: fewer than two of the candidates have rows at every seed)"
+    runs = {v: [r for seed in SEEDS for r in grouped[seeded_name(v, seed)]] for v in variants}
     colls = list(dict.fromkeys(r.collection for r in runs[variants[0]]))
     picks: dict[str, int] = {}
     ok = total = 0
@@ -885,7 +887,9 @@ def summary_table(rows: list[Row]) -> tuple[str, list[Summary]]:
 
 
 def per_collection_table(rows: list[Row], chosen: list[str]) -> str:
+    """k (ARI) per collection for the `chosen` methods that have rows (--quick runs few)."""
     m = by_method(rows)
+    chosen = [c for c in dict.fromkeys(chosen) if c in m]
     head = "| collection | n | true k | ARI@true (pca32) | " + " | ".join(
         f"{c}: k (ARI)" for c in chosen) + " |"
     lines = [head, "|" + "---|" * (4 + len(chosen))]
@@ -1181,7 +1185,7 @@ def main() -> None:
     args = ap.parse_args()
     show = args.show or ["silhouette pca32", BEFORE, THIRD, FOURTH, FIFTH, DEFAULT]
     if args.held_out:
-        print(held_out(list(dict.fromkeys(show)), args.jobs))
+        print(held_out(show, args.jobs))
         return
 
     colls = real_collections() + synthetic_collections()
@@ -1211,7 +1215,7 @@ def main() -> None:
     print("## Summary (ranked by failures of the k test, then worst, then mean ARI ratio)\n")
     print(table)
     print("\n## Per collection: k chosen (ARI at that k); **x** = fails the k test\n")
-    print(per_collection_table(rows, list(dict.fromkeys(show))))
+    print(per_collection_table(rows, show))
     print("\n## Leave one collection out\n")
     print(leave_one_out(rows0))
     print(f"\n## segd's rule and variants at seeds {', '.join(map(str, SEEDS))}\n")
@@ -1240,7 +1244,7 @@ def main() -> None:
               "seeds, all together\n")
         print(leave_one_out_over_seeds(both))
         print("\n## Panel and well-separated, per collection\n")
-        print(per_collection_table(prow + crow, list(dict.fromkeys(show))))
+        print(per_collection_table(prow + crow, show))
         print("\n## Leave one collection out, all together, among the small-n candidates\n")
         print(leave_one_out(both0))
         print("\n## The same, ranked by worst, then mean ARI ratio, then the k test\n")
