@@ -962,11 +962,8 @@ def held_out(show: list[str], jobs: int) -> str:
 def excess_by_k_table(colls: list[Collection]) -> str:
     """The silhouette's excess and the gap over 3 angular references (seed 0, n_init 10) at
     each k of KS: segd's test judges one k; would any k tell the sets apart?"""
-    from sklearn.metrics import silhouette_score
-
     from segd.core.kselect import angular_reference
 
-    n_init = KSelect().n_init
     lines = ["| collection | statistic | " + " | ".join(f"k={k}" for k in KS) + " | max |",
              "|---|---|" + "---|" * (len(KS) + 1)]
     with threadpool_limits(limits=1):
@@ -974,15 +971,7 @@ def excess_by_k_table(colls: list[Collection]) -> str:
             z = ks.project(c.x, ks.space_dims("pca32"))
             rng = np.random.default_rng(0)
             refs = [angular_reference(z, rng, len(z)) for _ in range(NULL_DRAWS)]
-            excess, gap = [], []
-            for k in KS:
-                fit = ks.kmeans(z, k, 0, n_init=n_init)
-                ref_fits = [ks.kmeans(r, k, 1 + d, n_init=n_init) for d, r in enumerate(refs)]
-                excess.append(silhouette_score(z, fit.labels_) - np.mean(
-                    [silhouette_score(r, f.labels_) for r, f in zip(refs, ref_fits,
-                                                                     strict=True)]))
-                gap.append(np.mean([np.log(f.inertia_) for f in ref_fits])
-                           - np.log(fit.inertia_))
+            excess, gap = zip(*(_against_references(z, refs, k, 0) for k in KS), strict=True)
             for name, vals in (("excess", excess), ("gap", gap)):
                 lines.append(f"| {c.name} | {name} | " + " | ".join(f"{v:+.3f}" for v in vals)
                              + f" | {max(vals):+.3f} |")
@@ -1040,8 +1029,6 @@ class NullStats:
 
 def _null_stats(coll: Collection) -> list[NullStats]:
     """Per seed, k = the largest k whose strength reaches 0.6 (else the strongest)."""
-    from sklearn.metrics import silhouette_score
-
     from segd.core.kselect import angular_reference, prediction_strength
 
     n_init = KSelect().n_init
@@ -1052,20 +1039,28 @@ def _null_stats(coll: Collection) -> list[NullStats]:
             rng = np.random.default_rng(seed)
             strength = prediction_strength(z, KS, rng, seed=seed, n_init=n_init)
             k = max((k for k in KS if strength[k] >= 0.6), default=max(KS, key=strength.get))
-            fit = ks.kmeans(z, k, seed, n_init=n_init)
             refs = [angular_reference(z, rng, len(z)) for _ in range(NULL_DRAWS)]
-            ref_fits = [ks.kmeans(r, k, seed + 1 + d, n_init=n_init) for d, r in enumerate(refs)]
+            excess, gap = _against_references(z, refs, k, seed)
             ref_strength = [prediction_strength(r, [k], rng, seed=seed + 1 + d,
                                                 n_init=n_init)[k] for d, r in enumerate(refs)]
-            out.append(NullStats(
-                coll.name, coll.true_k, seed, k,
-                silhouette=float(silhouette_score(z, fit.labels_) - np.mean(
-                    [silhouette_score(r, f.labels_) for r, f in zip(refs, ref_fits,
-                                                                     strict=True)])),
-                strength=strength[k] - float(np.mean(ref_strength)),
-                gap=float(np.mean([np.log(f.inertia_) for f in ref_fits])
-                          - np.log(fit.inertia_))))
+            out.append(NullStats(coll.name, coll.true_k, seed, k, silhouette=excess,
+                                 strength=strength[k] - float(np.mean(ref_strength)), gap=gap))
     return out
+
+
+def _against_references(z: np.ndarray, refs: list[np.ndarray], k: int, seed: int
+                        ) -> tuple[float, float]:
+    """KMeans(k) on the rows and on each reference (n_init as segd's): the silhouette's
+    excess over the references' mean, and the gap (their mean log inertia minus the rows')."""
+    from sklearn.metrics import silhouette_score
+
+    n_init = KSelect().n_init
+    fit = ks.kmeans(z, k, seed, n_init=n_init)
+    ref_fits = [ks.kmeans(r, k, seed + 1 + d, n_init=n_init) for d, r in enumerate(refs)]
+    excess = silhouette_score(z, fit.labels_) - np.mean(
+        [silhouette_score(r, f.labels_) for r, f in zip(refs, ref_fits, strict=True)])
+    gap = np.mean([np.log(f.inertia_) for f in ref_fits]) - np.log(fit.inertia_)
+    return float(excess), float(gap)
 
 
 def no_structure_stats(jobs: int) -> str:
