@@ -32,6 +32,7 @@ import argparse
 import functools
 import hashlib
 import itertools
+import math
 import os
 import pickle
 import subprocess
@@ -411,10 +412,12 @@ def hybrid_name(small: str, below: int, threshold: float = 0.8) -> str:
 
 # segd's rule as shipped: segd.core.kselect.choose_k with its defaults.
 DEFAULT = ("segd: silhouette below 64, else prediction strength (min over clusters) 0.6, "
-           "step down 0.05, step up 0.01, angular reference (from 150 rows: silhouette "
-           "excess 0.03 or gap 0.1), KMeans n_init 10")
-# The rules segd shipped after earlier rounds of the study, by round. The fifth's: the
-# strength from 100 rows, the step up at 0.03.
+           "step down 0.05 from strengths under 0.85, step up 0.01, angular reference (from "
+           "150 rows: silhouette excess 0.03 or gap 0.1), KMeans n_init 10")
+# The rules segd shipped after earlier rounds of the study, by round. The sixth's: the step
+# down from any strength.
+SIXTH = "segd of the sixth round: step down from any strength"
+# The fifth's: that with the strength from 100 rows, the step up at 0.03.
 FIFTH = "segd of the fifth round: strength from 100 rows, step up 0.03"
 FIFTH_SETTINGS = {"n_init": 10, "excess_min": 0.03, "gap_min": 0.1}
 # The fourth's: that with the silhouette's excess alone deciding the test (0.02).
@@ -424,7 +427,7 @@ FOURTH_EXCESS = 0.02
 # ("segd without the step down", "segd, min strength 0.5", ...).
 THIRD = "segd of the third round: KMeans n_init 4, excess alone"
 ROWS_BASE = {"excess_min": FOURTH_EXCESS, "gap_min": None, "n_init": 4, "small_below": 100,
-             "step_up": 0.03}
+             "step_up": 0.03, "step_down_below": math.inf}
 # The second's: the third's with the silhouette below 150 rows (and the test from 100).
 SECOND = "segd of the second round: silhouette below 150"
 BELOW_150_SETTINGS = {"small_below": 150, "test_min_rows": 100}
@@ -443,9 +446,15 @@ OTHER_SPACES = ("pca16", "pca48", "pca64", "pca128")
 SEEDS = (0, 1000, 2000, 3000, 4000)  # apart: the rule adds 0..splits to its seed
 SEGD = "segd's rule"
 # The strength from 64 rows and the step up at 0.01 (sixth round): finding 12.
-SEGD_SETTINGS = FIFTH_SETTINGS | {"small_below": 64, "step_up": 0.01}
+SIXTH_SETTINGS = FIFTH_SETTINGS | {"small_below": 64, "step_up": 0.01}
+# The step down only from strengths under 0.85 (seventh round): finding 13.
+SEGD_SETTINGS = SIXTH_SETTINGS | {"step_down_below": 0.85}
 SEED_VARIANTS: dict[str, dict[str, Any]] = {
     SEGD: SEGD_SETTINGS,
+    SIXTH: SIXTH_SETTINGS,
+    "segd, step down from strengths under 0.8": SEGD_SETTINGS | {"step_down_below": 0.8},
+    "segd, step down from strengths under 0.9": SEGD_SETTINGS | {"step_down_below": 0.9},
+    "segd, no step down": SEGD_SETTINGS | {"step_down": None},
     FIFTH: FIFTH_SETTINGS,
     FOURTH: {"n_init": 10},
     THIRD: {},
@@ -460,7 +469,7 @@ SEED_VARIANTS: dict[str, dict[str, Any]] = {
     "segd, 16 halvings and 10 reference draws": {"splits": 16, "null_draws": 10},
 }
 # Rows at seed 0 that have a name of their own.
-AT_SEED_0 = {SEGD: DEFAULT, FIFTH: FIFTH, FOURTH: FOURTH, THIRD: THIRD}
+AT_SEED_0 = {SEGD: DEFAULT, SIXTH: SIXTH, FIFTH: FIFTH, FOURTH: FOURTH, THIRD: THIRD}
 # The study's own rows use the first reference: a Gaussian with z's mean and covariance.
 GAUSS = "gaussian"
 
@@ -491,6 +500,7 @@ def small_methods() -> list[MethodSpec]:
                           "hybrid"))
     out.append(MethodSpec("segd without the step down", "pca32", P(_segd, step_down=None),
                           "hybrid"))
+    out.append(MethodSpec(SIXTH, "pca32", P(_segd, **SIXTH_SETTINGS), "hybrid"))
     out.append(MethodSpec(FIFTH, "pca32", P(_segd, **FIFTH_SETTINGS), "hybrid"))
     out.append(MethodSpec(FOURTH, "pca32", P(_segd, n_init=10), "hybrid"))
     out.append(MethodSpec(THIRD, "pca32", _segd, "hybrid"))
@@ -818,12 +828,15 @@ def over_seeds_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-# The sixth round's candidates: segd's rule with each of its two new settings as before.
-SIXTH_ROUND = (SEGD, FIFTH, "segd, step up at any lead (0)", "segd, step up 0.02",
-               "segd, step up 0.03", "segd, strength from 100 rows")
+# The seventh round's candidates: segd's rule, the sixth round's, and the step down from
+# other strengths or none; and the sixth round's: the step up's and the strength's settings.
+ROUND_CANDIDATES = (SEGD, SIXTH, "segd, step down from strengths under 0.8",
+                    "segd, step down from strengths under 0.9", "segd, no step down", FIFTH,
+                    "segd, step up at any lead (0)", "segd, step up 0.02",
+                    "segd, step up 0.03", "segd, strength from 100 rows")
 
 
-def leave_one_out_over_seeds(rows: list[Row], variants: tuple[str, ...] = SIXTH_ROUND
+def leave_one_out_over_seeds(rows: list[Row], variants: tuple[str, ...] = ROUND_CANDIDATES
                              ) -> str:
     """Leave one collection out among `variants` of SEED_VARIANTS, each judged on all five
     seeds at once: chosen on the other collections (rank_key), how does it do on the one
@@ -1178,7 +1191,7 @@ def main() -> None:
     ap.add_argument("--held-out", action="store_true",
                     help="only the collections no round of the study saw (handwritten digits)")
     args = ap.parse_args()
-    show = args.show or ["silhouette pca32", BEFORE, THIRD, FOURTH, FIFTH, DEFAULT]
+    show = args.show or ["silhouette pca32", BEFORE, THIRD, FOURTH, FIFTH, SIXTH, DEFAULT]
     if args.held_out:
         print(held_out(show, args.jobs))
         return
@@ -1215,7 +1228,7 @@ def main() -> None:
     print(leave_one_out(rows0))
     print(f"\n## segd's rule and variants at seeds {', '.join(map(str, SEEDS))}\n")
     print(over_seeds_table(rows))
-    print("\n## Leave one collection out among the sixth round's candidates, five seeds\n")
+    print("\n## Leave one collection out among the candidates of the last two rounds, five seeds\n")
     print(leave_one_out_over_seeds(rows))
     if panel:
         prow = [r for c in panel for r in out[c.name]]
@@ -1235,7 +1248,7 @@ def main() -> None:
         print(f"\n## All together ({len(both) // len(extra_specs)}), at seeds "
               f"{', '.join(map(str, SEEDS))}\n")
         print(over_seeds_table(both))
-        print("\n## Leave one collection out among the sixth round's candidates, five "
+        print("\n## Leave one collection out among the candidates of the last two rounds, five "
               "seeds, all together\n")
         print(leave_one_out_over_seeds(both))
         print("\n## Panel and well-separated, per collection\n")

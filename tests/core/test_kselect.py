@@ -26,7 +26,8 @@ KS = list(range(2, 11))
 # segd's rule before: the strength as the mean over clusters, 0.8, stepped down by the
 # silhouette (kept for the study and for these comparisons).
 MEAN = KSelect(aggregate="mean", threshold=0.8, step_down=None, step_up=None)
-MEAN_STEPPED = KSelect(aggregate="mean", threshold=0.8, step_down=0.05, step_up=None)
+MEAN_STEPPED = KSelect(aggregate="mean", threshold=0.8, step_down=0.05,
+                       step_down_below=float("inf"), step_up=None)
 PHOTOS = Path(__file__).resolve().parents[1] / "data" / "photos"
 
 
@@ -314,6 +315,19 @@ def test_clean_clusters_in_more_dimensions() -> None:
     assert choose_k(z, KS, KSelect(n_init=4)).k == 5
     assert choose_k(z, KS, KSelect(step_down=None)).k == 5
     assert fit(x, FitParams()).k == 5
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_k_reproducible_by_the_papers_standard_is_not_stepped_down(seed: int) -> None:
+    """240 rows of four clusters in two pairs: the halves reproduce all four (strength
+    0.97-1.0), and the silhouette, biased to small k, prefers each pair merged by far more
+    than `step_down`. Stepping down from any strength merged them (k = 2, ARI 0.50)."""
+    z, y = two_pairs(60, near=3.0, seed=seed)
+    choice = choose_k(z, KS)
+    assert choice.scores[4] >= KSelect().step_down_below
+    assert (choice.k, choice.method) == (4, "strength")
+    assert adjusted_rand_score(y, KMeans(4, n_init=10, random_state=0).fit_predict(z)) == 1.0
+    assert choose_k(z, KS, KSelect(step_down_below=float("inf"))).k == 2
 
 
 def test_unstructured_fit_gives_one_cluster() -> None:
