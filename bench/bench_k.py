@@ -1,6 +1,6 @@
 """Choosing k across collections: which rule generalises.
 
-    python bench/bench_k.py            # every collection and method (~40 min on 2 cores
+    python bench/bench_k.py            # every collection and method (~25 min on 2 cores
                                        # from scratch; cached per collection after)
     python bench/bench_k.py --quick    # 8 collections, the main methods (~1-2 min)
     python bench/bench_k.py --cost     # also time the recommended rule on 20,000 rows
