@@ -449,9 +449,12 @@ SEGD = "segd's rule"
 SIXTH_SETTINGS = FIFTH_SETTINGS | {"small_below": 64, "step_up": 0.01}
 # The step down only from strengths under 0.85 (seventh round): finding 13.
 SEGD_SETTINGS = SIXTH_SETTINGS | {"step_down_below": 0.85}
+# Each halving scored both ways, as fpc's prediction.strength does (eighth round): finding 14.
+BOTH_WAYS = "segd, each halving scored both ways (as fpc)"
 SEED_VARIANTS: dict[str, dict[str, Any]] = {
     SEGD: SEGD_SETTINGS,
     SIXTH: SIXTH_SETTINGS,
+    BOTH_WAYS: SEGD_SETTINGS | {"both_ways": True},
     "segd, step down from strengths under 0.8": SEGD_SETTINGS | {"step_down_below": 0.8},
     "segd, step down from strengths under 0.9": SEGD_SETTINGS | {"step_down_below": 0.9},
     "segd, no step down": SEGD_SETTINGS | {"step_down": None},
@@ -565,28 +568,25 @@ def _as_choice(c: KChoice) -> ks.Choice:
 # process, choose_k's strength of the same rows, k range, generator state and settings is
 # computed once, and the generator left as the computation leaves it.
 _STRENGTHS: dict[tuple[Any, ...], tuple[dict[int, float], dict[str, Any]]] = {}
-_prediction_strength = kselect.prediction_strength
 
 
 def _shared_strength(z: np.ndarray, kk: list[int], rng: np.random.Generator,
                      **settings: Any) -> dict[int, float]:
     key = (hashlib.sha1(np.ascontiguousarray(z).tobytes()).hexdigest(), tuple(kk),
            repr(rng.bit_generator.state),
-           *(settings.get(name) for name in ("splits", "n_init", "seed", "aggregate")))
+           *(settings[name] for name in ("splits", "n_init", "seed", "aggregate",
+                                         "both_ways")))
     if key not in _STRENGTHS:
-        scores = _prediction_strength(z, kk, rng, **settings)
+        scores = kselect.prediction_strength(z, kk, rng, **settings)
         _STRENGTHS[key] = (scores, rng.bit_generator.state)
     scores, state = _STRENGTHS[key]
     rng.bit_generator.state = state
     return dict(scores)
 
 
-kselect.prediction_strength = _shared_strength
-
-
 def _memo(ctx: ks.Ctx, kk: list[int], settings: KSelect) -> KChoice:
     if settings not in ctx.memo:
-        ctx.memo[settings] = choose_k(ctx.z, kk, settings)
+        ctx.memo[settings] = choose_k(ctx.z, kk, settings, strength=_shared_strength)
     c = ctx.memo[settings]
     assert isinstance(c, KChoice)
     return c
@@ -828,9 +828,10 @@ def over_seeds_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-# The seventh round's candidates: segd's rule, the sixth round's, and the step down from
-# other strengths or none; and the sixth round's: the step up's and the strength's settings.
-ROUND_CANDIDATES = (SEGD, SIXTH, "segd, step down from strengths under 0.8",
+# The eighth round's candidate: the strength scored both ways; the seventh round's: segd's
+# rule, the sixth round's, and the step down from other strengths or none; and the sixth
+# round's: the step up's and the strength's settings.
+ROUND_CANDIDATES = (SEGD, BOTH_WAYS, SIXTH, "segd, step down from strengths under 0.8",
                     "segd, step down from strengths under 0.9", "segd, no step down", FIFTH,
                     "segd, step up at any lead (0)", "segd, step up 0.02",
                     "segd, step up 0.03", "segd, strength from 100 rows")

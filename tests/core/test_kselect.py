@@ -9,8 +9,10 @@ true k 0.83-0.95). The last test runs the real model on the CC0 photos in tests/
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -152,6 +154,67 @@ def test_deterministic_for_a_seed() -> None:
     assert choose_k(z, KS, KSelect(seed=3)) == first
     other = choose_k(z, KS, KSelect(seed=4))
     assert other.scores != first.scores  # the seed drives the halvings
+
+
+def co_assigned(test: np.ndarray, predicted: np.ndarray) -> list[float]:
+    """For each test cluster of two or more points, pair by pair: the fraction of its pairs
+    of points that `predicted` also puts in one cluster."""
+    out = []
+    for c in sorted(set(test.tolist())):
+        pairs = list(itertools.combinations(np.flatnonzero(test == c), 2))
+        if pairs:
+            out.append(sum(predicted[i] == predicted[j] for i, j in pairs) / len(pairs))
+    return out
+
+
+def strength_by_definition(z: np.ndarray, ks: list[int], *, seed: int, splits: int,
+                           both_ways: bool) -> dict[int, float]:
+    """Tibshirani and Walther's prediction strength written out from the paper: per random
+    halving, the least co-assigned test cluster; with `both_ways`, each half is the test
+    set in turn and the two are averaged (fpc's prediction.strength)."""
+    rng = np.random.default_rng(seed)
+    perms = [rng.permutation(len(z)) for _ in range(splits)]
+    out = {}
+    for k in ks:
+        total = 0.0
+        for split, perm in enumerate(perms):
+            halves = z[perm[: len(z) // 2]], z[perm[len(z) // 2:]]
+            fits = [KMeans(k, n_init=10, random_state=seed + split).fit(h) for h in halves]
+            ways = ((0, 1), (1, 0)) if both_ways else ((0, 1),)
+            total += float(np.mean([min(co_assigned(fits[t].labels_, fits[r].predict(halves[t])))
+                                    for t, r in ways]))
+        out[k] = total / splits
+    return out
+
+
+@pytest.mark.parametrize("both_ways", [False, True])
+def test_the_strength_is_the_papers_definition(both_ways: bool) -> None:
+    z, _ = mixture(3, 30, 3.0, seed=2)
+    ks = [2, 3, 4]
+    got = kselect.prediction_strength(z, ks, np.random.default_rng(5), splits=3, seed=5,
+                                      both_ways=both_ways)
+    assert got == pytest.approx(strength_by_definition(z, ks, seed=5, splits=3,
+                                                       both_ways=both_ways))
+    one_way, two_ways = (strength_by_definition(z, ks, seed=5, splits=3, both_ways=b)
+                         for b in (False, True))
+    assert one_way != pytest.approx(two_ways)  # this data tells the two apart
+
+
+def test_choose_k_takes_the_strength_it_is_given() -> None:
+    """A study memoises the strength by passing its own function; choose_k calls it once,
+    with the settings' strength parameters."""
+    z, _ = mixture(4, 60, 10.0, seed=3)
+    settings = KSelect(both_ways=True, splits=4)
+    calls: list[dict[str, Any]] = []
+
+    def strength(z: np.ndarray, ks: list[int], rng: np.random.Generator,
+                 **kw: Any) -> dict[int, float]:
+        calls.append(kw)
+        return kselect.prediction_strength(z, ks, rng, **kw)
+
+    assert choose_k(z, KS, settings, strength=strength) == choose_k(z, KS, settings)
+    assert len(calls) == 1
+    assert (calls[0]["both_ways"], calls[0]["splits"]) == (True, 4)
 
 
 # --------------------------------------------------------------------------- the switch
