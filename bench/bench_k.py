@@ -803,12 +803,13 @@ def summarise(rows: list[Row]) -> Summary:
 
 def over_seeds_table(rows: list[Row]) -> str:
     """Per variant of SEED_VARIANTS: the k tests and the mean ARI ratio at each seed, the
-    worst ratio over all seeds, and the worst on real photos at each seed."""
+    worst ratio over all seeds, the worst on real photos at each seed, and how many
+    collections do not get one k at every seed."""
     grouped = by_method(rows)
     lines = ["| variant | k ok per seed | mean | mean ratio per seed | mean | mean ARI chosen "
              "/ at true k per seed | worst ratio (collection) | worst on real photos per seed "
-             "| unstructured called so |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| unstructured called so | k moves with the seed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for v in SEED_VARIANTS:
         runs = [grouped[n] for seed in SEEDS if (n := seeded_name(v, seed)) in grouped]
         if not runs:
@@ -816,6 +817,9 @@ def over_seeds_table(rows: list[Row]) -> str:
         sums = [summarise(rs) for rs in runs]
         real = [summarise([r for r in rs if r.kind == "real"]) for rs in runs]
         worst = min(sums, key=lambda x: x.worst_ratio)
+        chosen: dict[str, set[int]] = {}
+        for r in itertools.chain.from_iterable(runs):
+            chosen.setdefault(r.collection, set()).add(r.k)
         lines.append(
             f"| {v} | {', '.join(str(x.ok) for x in sums)} of {sums[0].total} | "
             f"{np.mean([x.ok for x in sums]):.1f} | "
@@ -824,7 +828,8 @@ def over_seeds_table(rows: list[Row]) -> str:
             f"{', '.join(f'{x.mean_ari / x.mean_ari_true:.3f}' for x in sums)} | "
             f"{worst.worst_ratio:.2f} ({worst.worst_collection}) | "
             f"{', '.join(f'{x.worst_ratio:.2f}' for x in real)} | "
-            f"{', '.join(x.unstructured_ok for x in sums)} |")
+            f"{', '.join(x.unstructured_ok for x in sums)} | "
+            f"{sum(len(k) > 1 for k in chosen.values())} of {len(chosen)} |")
     return "\n".join(lines)
 
 
@@ -1229,7 +1234,8 @@ def main() -> None:
     print(leave_one_out(rows0))
     print(f"\n## segd's rule and variants at seeds {', '.join(map(str, SEEDS))}\n")
     print(over_seeds_table(rows))
-    print("\n## Leave one collection out among the candidates of the last two rounds, five seeds\n")
+    print("\n## Leave one collection out among the candidates of the last three rounds, five "
+          "seeds\n")
     print(leave_one_out_over_seeds(rows))
     if panel:
         prow = [r for c in panel for r in out[c.name]]
@@ -1249,7 +1255,7 @@ def main() -> None:
         print(f"\n## All together ({len(both) // len(extra_specs)}), at seeds "
               f"{', '.join(map(str, SEEDS))}\n")
         print(over_seeds_table(both))
-        print("\n## Leave one collection out among the candidates of the last two rounds, five "
+        print("\n## Leave one collection out among the candidates of the last three rounds, five "
               "seeds, all together\n")
         print(leave_one_out_over_seeds(both))
         print("\n## Panel and well-separated, per collection\n")
