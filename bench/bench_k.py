@@ -668,7 +668,19 @@ def _guarded(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *,
     return ks.Choice(k, ch.scores, True, note=f"{ch.note}; guard {delta}: {ch.k} -> {k}")
 
 
-PANEL_METHODS = {RECOMMENDED, "silhouette pca32", *(m.name for m in small_methods())}
+def panel_methods() -> set[str]:
+    """The rules run on all 83 collections (and on the digits)."""
+    return {RECOMMENDED, "silhouette pca32", *(m.name for m in small_methods())}
+
+
+PANEL_METHODS = panel_methods()
+
+
+def use_seeds(n: int) -> None:
+    """Run the seeded variants at n seeds, 0, 1000, ... (every table over seeds follows)."""
+    global SEEDS, PANEL_METHODS
+    SEEDS = tuple(range(0, 1000 * n, 1000))
+    PANEL_METHODS = panel_methods()
 QUICK_METHODS = {RECOMMENDED, DEFAULT, "silhouette raw", "silhouette pca32",
                  "margin pca32 tol 0.01", "null-excess raw", "null-excess pca32",
                  "null-excess pca64", "silhouette pca32 + null test"}
@@ -1196,7 +1208,12 @@ def main() -> None:
                     help="methods for the per-collection table (default: old vs recommended)")
     ap.add_argument("--held-out", action="store_true",
                     help="only the collections no round of the study saw (handwritten digits)")
+    ap.add_argument("--seeds", type=int, default=len(SEEDS),
+                    help=f"the variants over seeds at this many (default {len(SEEDS)}: "
+                         f"{', '.join(map(str, SEEDS))})")
     args = ap.parse_args()
+    if args.seeds != len(SEEDS):
+        use_seeds(args.seeds)
     show = args.show or ["silhouette pca32", BEFORE, THIRD, FOURTH, FIFTH, SIXTH, DEFAULT]
     if args.held_out:
         print(held_out(show, args.jobs))
