@@ -856,7 +856,7 @@ ROUND_CANDIDATES = (SEGD, BOTH_WAYS, SIXTH, "segd, step down from strengths unde
 
 def leave_one_out_over_seeds(rows: list[Row], variants: tuple[str, ...] = ROUND_CANDIDATES
                              ) -> str:
-    """Leave one collection out among `variants` of SEED_VARIANTS, each judged on all five
+    """Leave one collection out among `variants` of SEED_VARIANTS, each judged on all the
     seeds at once: chosen on the other collections (rank_key), how does it do on the one
     left out, at each seed?"""
     grouped = by_method(rows)
@@ -968,7 +968,7 @@ def leave_one_out(rows: list[Row],
 
 
 def held_out(show: list[str], jobs: int) -> str:
-    """The small-n candidates (every rule of segd's family, at five seeds) on the held-out
+    """The small-n candidates (every rule of segd's family, at SEEDS) on the held-out
     collections: the rule the study chose on the others, tried where nothing was tuned."""
     colls = held_out_collections()
     specs = [m for m in methods() if m.name in PANEL_METHODS]
@@ -1251,8 +1251,8 @@ def main() -> None:
     print(leave_one_out(rows0))
     print(f"\n## segd's rule and variants at seeds {', '.join(map(str, SEEDS))}\n")
     print(over_seeds_table(rows))
-    print("\n## Leave one collection out among the candidates of the last three rounds, five "
-          "seeds\n")
+    print("\n## Leave one collection out among the candidates of the last three rounds, "
+          f"{len(SEEDS)} seeds\n")
     print(leave_one_out_over_seeds(rows))
     if panel:
         prow = [r for c in panel for r in out[c.name]]
@@ -1272,8 +1272,8 @@ def main() -> None:
         print(f"\n## All together ({len(both) // len(extra_specs)}), at seeds "
               f"{', '.join(map(str, SEEDS))}\n")
         print(over_seeds_table(both))
-        print("\n## Leave one collection out among the candidates of the last three rounds, five "
-              "seeds, all together\n")
+        print("\n## Leave one collection out among the candidates of the last three rounds, "
+              f"{len(SEEDS)} seeds, all together\n")
         print(leave_one_out_over_seeds(both))
         print("\n## Panel and well-separated, per collection\n")
         print(per_collection_table(prow + crow, show))
