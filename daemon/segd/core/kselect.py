@@ -17,8 +17,8 @@ rule "strength" (the default)
        together; strength(k) = the smallest of those fractions over A's clusters (the
        paper's definition, `aggregate` "min"), averaged over `splits` halvings. (fpc's
        prediction.strength also scores B against A's centroids and takes the mean of the
-       two; `both_ways`. The k it chose moved less with the seed, but its worst ratio of
-       mean ARIs over five seeds was lower: docs/quality.md, finding 14.) k = the
+       two; `both_ways`. Over ten seeds it passed fewer k tests and its lowest ratio of
+       mean ARIs was lower: docs/quality.md, finding 14.) k = the
        largest k whose strength reaches `threshold` (0.6: the paper's 0.8-0.9 is too harsh
        for overlapping photo classes). The minimum sees the one cluster a k too large cuts
        in two; the mean over clusters ("mean", segd's rule before) hardly moves then, and
