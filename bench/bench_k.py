@@ -681,6 +681,8 @@ def use_seeds(n: int) -> None:
     global SEEDS, PANEL_METHODS
     SEEDS = tuple(range(0, 1000 * n, 1000))
     PANEL_METHODS = panel_methods()
+
+
 QUICK_METHODS = {RECOMMENDED, DEFAULT, "silhouette raw", "silhouette pca32",
                  "margin pca32 tol 0.01", "null-excess raw", "null-excess pca32",
                  "null-excess pca64", "silhouette pca32 + null test"}
