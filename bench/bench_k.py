@@ -51,14 +51,15 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kselect_study as ks
 
-import segd.core.kselect as kselect
-from segd.core.kselect import KChoice, KSelect, choose_k
+from segd.core.kfigures import Known, LiveFigures
+from segd.core.kselect import KChoice, KSelect, decide
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "k-study"
 KS = list(range(2, 11))  # segd's default k range
 FIVE = ("dress", "hat", "pants", "shoes", "t-shirt")
 RESULTS_VERSION = 7
+FIGURES_VERSION = 1  # kfigures.Known, by rows, k range and FigureSettings
 
 
 # ------------------------------------------------------------------------------------------
@@ -564,29 +565,18 @@ def _as_choice(c: KChoice) -> ks.Choice:
     return ks.Choice(c.k, c.scores, c.structured, note=_note(c))
 
 
-# Many rows differ only after the strength (its threshold, the steps, the test): within a
-# process, choose_k's strength of the same rows, k range, generator state and settings is
-# computed once, and the generator left as the computation leaves it.
-_STRENGTHS: dict[tuple[Any, ...], tuple[dict[int, float], dict[str, Any]]] = {}
-
-
-def _shared_strength(z: np.ndarray, kk: list[int], rng: np.random.Generator,
-                     **settings: Any) -> dict[int, float]:
-    key = (hashlib.sha1(np.ascontiguousarray(z).tobytes()).hexdigest(), tuple(kk),
-           repr(rng.bit_generator.state),
-           *(settings[name] for name in ("splits", "n_init", "seed", "aggregate",
-                                         "both_ways")))
-    if key not in _STRENGTHS:
-        scores = kselect.prediction_strength(z, kk, rng, **settings)
-        _STRENGTHS[key] = (scores, rng.bit_generator.state)
-    scores, state = _STRENGTHS[key]
-    rng.bit_generator.state = state
-    return dict(scores)
-
-
+# Rows that differ only in how they decide (the strength's threshold, the steps, the test's
+# thresholds) decide from the same figures: one kfigures.Known per rows, k range and
+# FigureSettings (in ctx.figures, shared by a collection's spaces and kept on disk by
+# `evaluate`), so that a rule added later replays on the figures stored.
 def _memo(ctx: ks.Ctx, kk: list[int], settings: KSelect) -> KChoice:
     if settings not in ctx.memo:
-        ctx.memo[settings] = choose_k(ctx.z, kk, settings, strength=_shared_strength)
+        z = np.ascontiguousarray(ctx.z, dtype=np.float32)
+        key = (hashlib.sha1(z.tobytes()).hexdigest(), tuple(kk), settings.figures)
+        known = ctx.figures.setdefault(key, Known())
+        assert isinstance(known, Known)
+        figures = LiveFigures(z, kk, settings.figures, known=known)
+        ctx.memo[settings] = decide(len(z), kk, settings, figures)
     c = ctx.memo[settings]
     assert isinstance(c, KChoice)
     return c
@@ -710,8 +700,10 @@ class Row:
 
 def evaluate(coll: Collection, specs: list[MethodSpec]) -> list[Row]:
     rows: list[Row] = []
+    stored = CACHE / "figures" / f"v{FIGURES_VERSION}-{_slug(coll.name)}.pkl"
+    figures: dict[object, object] = pickle.loads(stored.read_bytes()) if stored.exists() else {}
     with threadpool_limits(limits=1):
-        ctxs = {sp: ks.Ctx(ks.project(coll.x, ks.space_dims(sp)))
+        ctxs = {sp: ks.Ctx(ks.project(coll.x, ks.space_dims(sp)), figures=figures)
                 for sp in dict.fromkeys(m.space for m in specs)}
         kk = [k for k in KS if k < len(coll.x)]
         for m in specs:
@@ -726,6 +718,7 @@ def evaluate(coll: Collection, specs: list[MethodSpec]) -> list[Row]:
                 ari = 0.0 if ch.k == 1 else adjusted_rand_score(coll.y, ctx.labels(ch.k))
             rows.append(Row(coll.name, coll.kind, len(coll.x), coll.true_k, m.name, ch.k,
                             ch.structured, ari, ari_true, dt, ch.note))
+    _store(stored, figures)
     return rows
 
 
@@ -738,9 +731,16 @@ def _eval_cached(coll: Collection, specs: list[MethodSpec]) -> list[Row]:
         # only when something is missing.
         for r in evaluate(coll, todo):
             done[r.method] = r
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(pickle.dumps(done))
+        _store(f, done)
     return [done[m.name] for m in specs]
+
+
+def _store(path: Path, value: object) -> None:
+    """Pickle `value` to `path` whole or not at all (a bench stopped midway)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".part")
+    part.write_bytes(pickle.dumps(value))
+    part.replace(path)
 
 
 def _defaults_tag() -> str:
@@ -995,7 +995,7 @@ def held_out(show: list[str], jobs: int) -> str:
 def excess_by_k_table(colls: list[Collection]) -> str:
     """The silhouette's excess and the gap over 3 angular references (seed 0, n_init 10) at
     each k of KS: segd's test judges one k; would any k tell the sets apart?"""
-    from segd.core.kselect import angular_reference
+    from segd.core.kfigures import angular_reference
 
     lines = ["| collection | statistic | " + " | ".join(f"k={k}" for k in KS) + " | max |",
              "|---|---|" + "---|" * (len(KS) + 1)]
@@ -1062,7 +1062,7 @@ class NullStats:
 
 def _null_stats(coll: Collection) -> list[NullStats]:
     """Per seed, k = the largest k whose strength reaches 0.6 (else the strongest)."""
-    from segd.core.kselect import angular_reference, prediction_strength
+    from segd.core.kfigures import angular_reference, prediction_strength
 
     n_init = KSelect().n_init
     out = []

@@ -30,7 +30,8 @@ from sklearn.metrics import (
 )
 from sklearn.mixture import GaussianMixture
 
-from segd.core.kselect import KChoice, angular_reference
+from segd.core.kfigures import angular_reference
+from segd.core.kselect import KChoice
 
 N_INIT = 4
 SIL_SAMPLE = 4000
@@ -87,6 +88,8 @@ class Ctx:
     _null_sil: dict[tuple[int, int, int], float] = field(default_factory=dict)
     memo: dict[object, object] = field(default_factory=dict)
     """Results of whole rules, shared by the methods built on them."""
+    figures: dict[object, object] = field(default_factory=dict)
+    """segd's figures (kfigures.Known) by rows, k range and settings, shared by its rules."""
 
     def fit(self, k: int, seed: int = 0) -> KMeans:
         key = (k, seed)

@@ -12,7 +12,6 @@ import dataclasses
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 from threadpoolctl import threadpool_limits
 
-from segd.core import cluster, kselect
+from segd.core import cluster, kfigures, kselect
 from segd.core.cluster import FitCancelled, FitParams, fit, fit_stream
 from segd.core.kselect import KSelect, choose_k
 
@@ -191,8 +190,8 @@ def strength_by_definition(z: np.ndarray, ks: list[int], *, seed: int, splits: i
 def test_the_strength_is_the_papers_definition(both_ways: bool) -> None:
     z, _ = mixture(3, 30, 3.0, seed=2)
     ks = [2, 3, 4]
-    got = kselect.prediction_strength(z, ks, np.random.default_rng(5), splits=3, seed=5,
-                                      both_ways=both_ways)
+    got = kfigures.prediction_strength(z, ks, np.random.default_rng(5), splits=3, seed=5,
+                                       both_ways=both_ways)
     assert got == pytest.approx(strength_by_definition(z, ks, seed=5, splits=3,
                                                        both_ways=both_ways))
     one_way, two_ways = (strength_by_definition(z, ks, seed=5, splits=3, both_ways=b)
@@ -200,21 +199,31 @@ def test_the_strength_is_the_papers_definition(both_ways: bool) -> None:
     assert one_way != pytest.approx(two_ways)  # this data tells the two apart
 
 
-def test_choose_k_takes_the_strength_it_is_given() -> None:
-    """A study memoises the strength by passing its own function; choose_k calls it once,
-    with the settings' strength parameters."""
-    z, _ = mixture(4, 60, 10.0, seed=3)
-    settings = KSelect(both_ways=True, splits=4)
-    calls: list[dict[str, Any]] = []
+def test_rules_replayed_on_stored_figures_choose_as_they_would_afresh() -> None:
+    """Rules that differ only in how they decide share their figures (a study keeps them):
+    on the figures one Known collected, `decide` gives each rule the choice `choose_k` gives
+    it afresh, and once the Known holds all they need, no KMeans runs."""
+    z, _ = mixture(4, 60, 3.0, seed=1)
+    base = KSelect()
+    rules = [base, dataclasses.replace(base, threshold=0.9),
+             dataclasses.replace(base, step_up=None), dataclasses.replace(base, step_down=None),
+             dataclasses.replace(base, excess_min=0.2, gap_min=0.5),
+             dataclasses.replace(base, rule="silhouette")]
+    live = kfigures.LiveFigures(z, KS, base.figures)
+    for s in rules:
+        assert s.figures == base.figures
+        assert kselect.decide(len(z), KS, s, live) == choose_k(z, KS, s)
+    # The rules tested more than one k: each reference's draws begin where the strength left
+    # the generator, as they do afresh.
+    known = live.known
+    assert len(known.references) >= 2
 
-    def strength(z: np.ndarray, ks: list[int], rng: np.random.Generator,
-                 **kw: Any) -> dict[int, float]:
-        calls.append(kw)
-        return kselect.prediction_strength(z, ks, rng, **kw)
+    def no_kmeans() -> None:
+        raise AssertionError("a replay ran KMeans")
 
-    assert choose_k(z, KS, settings, strength=strength) == choose_k(z, KS, settings)
-    assert len(calls) == 1
-    assert (calls[0]["both_ways"], calls[0]["splits"]) == (True, 4)
+    for s in rules:
+        replay = kfigures.LiveFigures(z, KS, s.figures, no_kmeans, known=known)
+        assert kselect.decide(len(z), KS, s, replay) == choose_k(z, KS, s)
 
 
 # --------------------------------------------------------------------------- the switch
@@ -465,7 +474,7 @@ def test_a_blob_is_still_unstructured_when_no_k_is_reproducible() -> None:
     """A round blob: no k reaches the threshold, and the test on the silhouette's choice
     finds neither an excess nor a gap."""
     z = projected(blob(600, seed=5, power=0.0))
-    scores = kselect.prediction_strength(z, KS, np.random.default_rng(KSelect().seed))
+    scores = kfigures.prediction_strength(z, KS, np.random.default_rng(KSelect().seed))
     assert max(scores.values()) < KSelect().threshold
     choice = choose_k(z, KS)
     assert not choice.structured and choice.k == 1
@@ -479,7 +488,7 @@ def test_with_no_k_reproducible_and_too_few_rows_for_the_test_the_silhouette_dec
     cluster (the study's rules with the strength below 150 rows)."""
     z = projected(blob(90, seed=5, power=0.0))
     settings = KSelect(small_below=0, test_min_rows=150)
-    scores = kselect.prediction_strength(z, KS, np.random.default_rng(settings.seed))
+    scores = kfigures.prediction_strength(z, KS, np.random.default_rng(settings.seed))
     assert max(scores.values()) < settings.threshold  # nothing passes
     choice = choose_k(z, KS, settings)
     assert (choice.k, choice.method, choice.excess) == (

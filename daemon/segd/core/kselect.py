@@ -1,10 +1,12 @@
 """Choose the number of clusters k: the silhouette on small sets, prediction strength above.
 
-Pure numpy / scikit-learn. The rows `z` are the points clustering runs on (segd: the PCA
-projection of the L2-normalised embeddings, re-normalised; a random subset of at most
-`cluster.SELECTION_SAMPLE`). The rules and their settings come from the k study
-(bench/bench_k.py, docs/quality.md "Choosing k across collections"), which chose them by
-their worst and mean results over 83 labelled collections and five seeds.
+The rows `z` are the points clustering runs on (segd: the PCA projection of the
+L2-normalised embeddings, re-normalised; a random subset of at most
+`cluster.SELECTION_SAMPLE`). `decide` is the rule, a pure function of the rows' figures
+(`Figures`); core.kfigures computes them (`choose_k` = the two together). The rules and
+their settings come from the k study (bench/bench_k.py, docs/quality.md "Choosing k across
+collections"), which chose them by their worst and mean results over 83 labelled
+collections and five seeds, replaying each rule on the same stored figures.
 
 rule "strength" (the default)
     Below `small_below` (64) rows, the silhouette rule below: prediction strength is
@@ -82,29 +84,21 @@ raises) without waiting for the whole of it.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from sklearn.metrics import silhouette_score
 
 from segd.config import KRule
+from segd.core.kfigures import (
+    Checkpoint,
+    FigureSettings,
+    Fit,
+    LiveFigures,
+    Reference,
+)
 
-__all__ = ["KChoice", "KSelect", "Strength", "angular_reference", "choose_k",
-           "gaussian_reference", "prediction_strength"]
-
-Checkpoint = Callable[[], None]
-
-
-class Strength(Protocol):
-    """`prediction_strength`'s signature: what `choose_k` calls for the strength of each k."""
-
-    def __call__(self, z: np.ndarray, ks: list[int], rng: np.random.Generator, *,
-                 splits: int, n_init: int, seed: int, aggregate: Literal["min", "mean"],
-                 both_ways: bool, checkpoint: Checkpoint | None) -> dict[int, float]: ...
+__all__ = ["Figures", "KChoice", "KSelect", "choose_k", "decide"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +138,12 @@ class KSelect:
     # unstructured, and with no reproducible k the silhouette's k stands.
     test_min_rows: int = 150
 
+    @property
+    def figures(self) -> FigureSettings:
+        """The settings the figures depend on; the others only decide from them."""
+        return FigureSettings(**{f.name: getattr(self, f.name)
+                                 for f in dataclasses.fields(FigureSettings)})
+
 
 @dataclass(frozen=True)
 class KChoice:
@@ -178,37 +178,37 @@ class KChoice:
     not needed, the excess decided alone, or not run)."""
 
 
-@dataclass(frozen=True)
-class _Fit:
-    """KMeans(k) on the rows: the silhouette of its labels and its inertia per row."""
+class Figures(Protocol):
+    """What a choice of k is decided from, each figure asked for only when the rule needs it
+    (kfigures.LiveFigures computes them; a study may replay stored ones)."""
 
-    silhouette: float
-    inertia: float
+    def strengths(self) -> dict[int, float]: ...
+
+    def fit(self, k: int) -> Fit: ...
+
+    def reference(self, k: int) -> Reference: ...
 
 
 def choose_k(z: np.ndarray, ks: list[int], settings: KSelect = KSelect(),
-             checkpoint: Checkpoint | None = None, *,
-             strength: Strength | None = None) -> KChoice:
-    """Choose k among `ks` (each clipped to 2..n-1) for the rows of z (n, p). `strength`
-    computes the prediction strengths (default `prediction_strength`; a study may pass one
-    that memoises it)."""
+             checkpoint: Checkpoint | None = None) -> KChoice:
+    """Choose k among `ks` (each clipped to 2..n-1) for the rows of z (n, p)."""
     z = np.ascontiguousarray(z, dtype=np.float32)
     ks = sorted(k for k in set(ks) if 2 <= k < len(z))
     if not ks:
         raise ValueError(f"no k in 2..{len(z) - 1} to choose from")
-    check = checkpoint or (lambda: None)
-    if settings.rule == "silhouette" or len(z) < settings.small_below:
-        return _by_silhouette(z, ks, settings, check)
-    return _by_strength(z, ks, settings, check, strength or prediction_strength)
+    figures = LiveFigures(z, ks, settings.figures, checkpoint)
+    return decide(len(z), ks, settings, figures)
 
 
-def _by_silhouette(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint,
-                   fits: dict[int, _Fit] | None = None) -> KChoice:
-    """The silhouette's choice; `fits` (when given) receives the fit at each k."""
-    fits = {} if fits is None else fits
-    for k in ks:
-        fits[k] = _fit(z, k, s, check)
-    scores = {k: fits[k].silhouette for k in ks}
+def decide(n: int, ks: list[int], settings: KSelect, figures: Figures) -> KChoice:
+    """The choice for n rows among `ks` (sorted, each in 2..n-1), from their `figures`."""
+    if settings.rule == "silhouette" or n < settings.small_below:
+        return _by_silhouette(ks, figures)
+    return _by_strength(n, ks, settings, figures)
+
+
+def _by_silhouette(ks: list[int], f: Figures) -> KChoice:
+    scores = {k: f.fit(k).silhouette for k in ks}
     order = sorted(ks, key=lambda kk: (-scores[kk], kk))  # ties: the smaller k
     k = order[0]
     runner_up = order[1] if len(order) > 1 else None
@@ -217,24 +217,18 @@ def _by_silhouette(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint,
                    margin=margin, silhouette=scores[k], excess=None, structured=True)
 
 
-def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint,
-                 strength: Strength) -> KChoice:
-    n = len(z)
-    rng = np.random.default_rng(s.seed)
-    zs = z if n <= s.strength_rows else z[rng.choice(n, s.strength_rows, replace=False)]
-    scores = strength(zs, ks, rng, splits=s.splits, n_init=s.n_init, seed=s.seed,
-                      aggregate=s.aggregate, both_ways=s.both_ways, checkpoint=check)
+def _by_strength(n: int, ks: list[int], s: KSelect, f: Figures) -> KChoice:
+    scores = f.strengths()
     passing = [k for k in ks if scores[k] >= s.threshold]
     if not passing:
         # No k is reproducible enough. Unstructured rows look like that, and so do clearly
         # clustered rows with more groups than k_max (pairs of groups merge differently in
         # each half): the no-structure test on the silhouette's choice tells them apart.
         best = max(ks, key=lambda kk: (scores[kk], -kk))
-        fallback_fits: dict[int, _Fit] = {}
-        fallback = _by_silhouette(z, ks, s, check, fallback_fits)
+        fallback = _by_silhouette(ks, f)
         if n < s.test_min_rows:  # untested rows keep the silhouette's
             return fallback
-        test = _no_structure_test(z, fallback.k, fallback_fits[fallback.k], s, rng, check)
+        test = _judge(f.reference(fallback.k), s)
         if test.passed:
             return dataclasses.replace(fallback, excess=test.excess, gap=test.gap)
         return KChoice(k=1, scores=scores, method="strength", runner_up=best,
@@ -243,15 +237,11 @@ def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint,
     k = max(passing)
     runner_up, margin = _strength_boundary(scores, ks, passing, s.threshold)
 
-    fits = {k: _fit(z, k, s, check)}
     up = None  # the step up's k
     if s.step_up is not None:
-        for kk in ks:
-            if kk > k:
-                fits[kk] = _fit(z, kk, s, check)
-        best_up = max((kk for kk in fits if kk > k),
-                      key=lambda kk: (fits[kk].silhouette, -kk), default=None)
-        if best_up is not None and fits[best_up].silhouette > fits[k].silhouette + s.step_up:
+        best_up = max((kk for kk in ks if kk > k),
+                      key=lambda kk: (f.fit(kk).silhouette, -kk), default=None)
+        if best_up is not None and f.fit(best_up).silhouette > f.fit(k).silhouette + s.step_up:
             up = best_up
     # The test judges the k the choice would report: at a step up that is the silhouette's
     # (20 clean groups, k_max 10: only k = 2 is reproducible, and two halves of 20 groups
@@ -259,63 +249,44 @@ def _by_strength(z: np.ndarray, ks: list[int], s: KSelect, check: Checkpoint,
     tested = k if up is None else up
     excess = gap = None
     if n >= s.test_min_rows:
-        test = _no_structure_test(z, tested, fits[tested], s, rng, check)
+        test = _judge(f.reference(tested), s)
         excess, gap = test.excess, test.gap
         if not test.passed:
             return KChoice(k=1, scores=scores, method="strength", runner_up=tested,
-                           margin=s.excess_min - excess, silhouette=None, excess=excess,
-                           structured=False, gap=gap)
+                           margin=s.excess_min - test.excess, silhouette=None,
+                           excess=excess, structured=False, gap=gap)
     if up is not None:
         # The silhouette decided: its figures are the ones the choice stands on.
-        for kk in ks:
-            if kk not in fits:
-                fits[kk] = _fit(z, kk, s, check)
-        sils = {kk: f.silhouette for kk, f in sorted(fits.items())}
+        sils = {kk: f.fit(kk).silhouette for kk in ks}
         return KChoice(k=up, scores=sils, method="silhouette", runner_up=k,
                        margin=sils[up] - sils[k] - s.step_up, silhouette=sils[up],
                        excess=excess, structured=True, gap=gap)
     if s.step_down is not None:
         top = k
         while k - 1 in passing and scores[k] < s.step_down_below:
-            fits[k - 1] = _fit(z, k - 1, s, check)
-            if not fits[k - 1].silhouette > fits[k].silhouette + s.step_down:
+            if not f.fit(k - 1).silhouette > f.fit(k).silhouette + s.step_down:
                 break
             k -= 1
         if k < top:
             runner_up = k + 1
-            margin = fits[k].silhouette - fits[k + 1].silhouette - s.step_down
+            margin = f.fit(k).silhouette - f.fit(k + 1).silhouette - s.step_down
     return KChoice(k=k, scores=scores, method="strength", runner_up=runner_up, margin=margin,
-                   silhouette=fits[k].silhouette, excess=excess, structured=True, gap=gap)
+                   silhouette=f.fit(k).silhouette, excess=excess, structured=True, gap=gap)
 
 
 @dataclass(frozen=True)
-class _TestResult:
+class _Verdict:
     passed: bool
     excess: float
     gap: float | None  # None: the excess passed alone, or the gap is off
 
 
-def _no_structure_test(z: np.ndarray, k: int, fit: _Fit, s: KSelect,
-                       rng: np.random.Generator, check: Checkpoint) -> _TestResult:
-    """The rows' KMeans(k) `fit` against `null_draws` unstructured references like z: the
-    silhouette's excess over theirs, then (if that falls short) the gap in log inertia."""
-    reference = angular_reference if s.reference == "angular" else gaussian_reference
-    ref = ref_log_inertia = 0.0
-    for d in range(s.null_draws):
-        zr = reference(z, rng, min(len(z), s.null_rows))
-        check()
-        model = _kmeans(k, len(zr), s, s.seed + 1 + d).fit(zr)
-        ref += _silhouette(zr, model.labels_, s, s.seed + 1 + d) / s.null_draws
-        ref_log_inertia += _log(model.inertia_ / len(zr)) / s.null_draws
-    excess = fit.silhouette - ref
-    if excess >= s.excess_min or s.gap_min is None:
-        return _TestResult(excess >= s.excess_min, excess, None)
-    gap = ref_log_inertia - _log(fit.inertia)
-    return _TestResult(gap >= s.gap_min, excess, gap)
-
-
-def _log(x: float) -> float:
-    return float(np.log(max(x, 1e-30)))
+def _judge(ref: Reference, s: KSelect) -> _Verdict:
+    """The no-structure test: the silhouette's excess over the references', then (if that
+    falls short) the gap in log inertia."""
+    if ref.excess >= s.excess_min or s.gap_min is None:
+        return _Verdict(ref.excess >= s.excess_min, ref.excess, None)
+    return _Verdict(ref.gap >= s.gap_min, ref.excess, ref.gap)
 
 
 def _strength_boundary(scores: dict[int, float], ks: list[int], passing: list[int],
@@ -331,108 +302,3 @@ def _strength_boundary(scores: dict[int, float], ks: list[int], passing: list[in
         if threshold - scores[up] < margin:
             runner_up, margin = up, threshold - scores[up]
     return runner_up, margin
-
-
-def prediction_strength(z: np.ndarray, ks: list[int], rng: np.random.Generator, *,
-                        splits: int = 8, n_init: int = 10, seed: int = 0,
-                        aggregate: Literal["min", "mean"] = "min", both_ways: bool = False,
-                        checkpoint: Checkpoint | None = None) -> dict[int, float]:
-    """Mean over `splits` random halvings A, B of the prediction strength: the smallest
-    ("min") or the mean of the pair agreements of A's clusters with B's centroids; with
-    `both_ways`, the mean of that and the same with the halves' roles swapped."""
-    over = min if aggregate == "min" else statistics.fmean
-
-    def strength_of(test: KMeans, train: KMeans, rows: np.ndarray) -> float:
-        agreements = _pair_agreements(test.labels_, train.predict(rows))
-        return over(agreements) if agreements else 0.0
-
-    check = checkpoint or (lambda: None)
-    n = len(z)
-    out = {k: 0.0 for k in ks}
-    for split in range(splits):
-        perm = rng.permutation(n)
-        a, b = z[perm[: n // 2]], z[perm[n // 2:]]
-        for k in ks:
-            if k >= len(a):
-                continue
-            check()
-            on_a = KMeans(n_clusters=k, n_init=n_init, random_state=seed + split).fit(a)
-            on_b = KMeans(n_clusters=k, n_init=n_init, random_state=seed + split).fit(b)
-            score = strength_of(on_a, on_b, a)
-            if both_ways:
-                score = (score + strength_of(on_b, on_a, b)) / 2
-            out[k] += score / splits
-    return out
-
-
-def angular_reference(z: np.ndarray, rng: np.random.Generator, rows: int) -> np.ndarray:
-    """`rows` directions of a centred Gaussian whose directions match z's (the angular
-    central Gaussian; its shape is Tyler's M-estimator). Falls back to
-    `gaussian_reference` with too few rows for the estimator (n <= 2p)."""
-    n, p = z.shape
-    if n <= 2 * p:
-        return gaussian_reference(z, rng, rows)
-    shape = _tyler(np.asarray(z, dtype=np.float64))
-    g = rng.standard_normal((rows, p)) @ np.linalg.cholesky(shape).T
-    return (g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)).astype(
-        np.float32)
-
-
-def _tyler(z: np.ndarray, iterations: int = 100, tol: float = 1e-7) -> np.ndarray:
-    """Tyler's M-estimator of shape (trace p): the fixed point of
-    S = p/n sum z z' / (z' S^-1 z)."""
-    p = z.shape[1]
-    shape = np.eye(p)
-    for _ in range(iterations):
-        w = 1.0 / np.maximum(np.einsum("ij,ij->i", z @ np.linalg.inv(shape), z), 1e-12)
-        new = (z * w[:, None]).T @ z
-        new *= p / np.trace(new)
-        done = np.abs(new - shape).max() < tol
-        shape = new
-        if done:
-            break
-    return shape
-
-
-def gaussian_reference(z: np.ndarray, rng: np.random.Generator, rows: int) -> np.ndarray:
-    """`rows` points of a Gaussian with z's mean and covariance, rows L2-normalised."""
-    z64 = np.asarray(z, dtype=np.float64)
-    mean = z64.mean(axis=0)
-    _, sv, vt = np.linalg.svd(z64 - mean, full_matrices=False)
-    sd = sv / np.sqrt(max(len(z) - 1, 1))
-    ref = mean + (rng.standard_normal((rows, len(sd))) * sd) @ vt
-    norms = np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
-    return (ref / norms).astype(np.float32)
-
-
-def _pair_agreements(test: np.ndarray, predicted: np.ndarray) -> list[float]:
-    """For each test cluster (of >= 2 points), the fraction of its pairs that `predicted`
-    also puts in one cluster."""
-    per: list[float] = []
-    for c in np.unique(test):
-        members = predicted[test == c]
-        m = len(members)
-        if m >= 2:
-            counts = np.bincount(members)
-            per.append(float((counts * (counts - 1)).sum()) / (m * (m - 1)))
-    return per
-
-
-def _kmeans(k: int, n: int, s: KSelect, seed: int) -> KMeans | MiniBatchKMeans:
-    if n > s.minibatch_above:
-        return MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=s.n_init,
-                               batch_size=4096)
-    return KMeans(n_clusters=k, random_state=seed, n_init=s.n_init)
-
-
-def _fit(z: np.ndarray, k: int, s: KSelect, check: Checkpoint) -> _Fit:
-    check()
-    model = _kmeans(k, len(z), s, s.seed).fit(z)
-    return _Fit(_silhouette(z, model.labels_, s, s.seed), float(model.inertia_) / len(z))
-
-
-def _silhouette(z: np.ndarray, labels: np.ndarray, s: KSelect, seed: int) -> float:
-    if len(np.unique(labels)) < 2:
-        return -1.0
-    return float(silhouette_score(z, labels, sample_size=min(s.silhouette_sample, len(z)),
-                                  random_state=seed))
