@@ -551,7 +551,7 @@ def jaccard_name(threshold: float) -> str:
 def _jaccard(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *, threshold: float
              ) -> ks.Choice:
     if len(ctx.z) < 150:
-        return _as_choice(_memo(ctx, kk, rule_of(rule="silhouette")))
+        return _as_choice(segd_choice(ctx, kk, rule_of(rule="silhouette")))
     return ks.jaccard_with_angular_test(ctx, kk, rng, threshold=threshold)
 
 
@@ -569,11 +569,10 @@ def _as_choice(c: KChoice) -> ks.Choice:
 # thresholds) decide from the same figures: one kfigures.Known per rows, k range and
 # FigureSettings (in ctx.figures, shared by a collection's spaces and kept on disk by
 # `evaluate`), so that a rule added later replays on the figures stored.
-def _memo(ctx: ks.Ctx, kk: list[int], settings: KSelect) -> KChoice:
+def segd_choice(ctx: ks.Ctx, kk: list[int], settings: KSelect) -> KChoice:
     if settings not in ctx.memo:
-        z = np.ascontiguousarray(ctx.z, dtype=np.float32)
-        key = (hashlib.sha1(z.tobytes()).hexdigest(), tuple(kk), settings.figures)
-        known = ctx.figures.setdefault(key, Known())
+        z, digest = _rows(ctx)
+        known = ctx.figures.setdefault((digest, tuple(kk), settings.figures), Known())
         assert isinstance(known, Known)
         figures = LiveFigures(z, kk, settings.figures, known=known)
         ctx.memo[settings] = decide(len(z), kk, settings, figures)
@@ -582,19 +581,31 @@ def _memo(ctx: ks.Ctx, kk: list[int], settings: KSelect) -> KChoice:
     return c
 
 
+def _rows(ctx: ks.Ctx) -> tuple[np.ndarray, str]:
+    """ctx's rows as choose_k takes them (float32), and their digest (the figures' key)."""
+    if _ROWS not in ctx.memo:
+        z = np.ascontiguousarray(ctx.z, dtype=np.float32)
+        ctx.memo[_ROWS] = z, hashlib.sha1(z.tobytes()).hexdigest()
+    z, digest = ctx.memo[_ROWS]  # type: ignore[misc]
+    return z, digest
+
+
+_ROWS = "rows as float32, and their digest"
+
+
 def _reference(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator) -> ks.Choice:
     """The strength rule at every size (the no-structure test from 100 rows up)."""
-    return _as_choice(_memo(ctx, kk, rule_of(small_below=0, reference=GAUSS, **MEAN)))
+    return _as_choice(segd_choice(ctx, kk, rule_of(small_below=0, reference=GAUSS, **MEAN)))
 
 
 def _segd(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, **settings: Any
           ) -> ks.Choice:
-    return _as_choice(_memo(ctx, kk, rule_of(**settings)))
+    return _as_choice(segd_choice(ctx, kk, rule_of(**settings)))
 
 
 def _segd_now(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator) -> ks.Choice:
     """segd's rule as shipped: KSelect's defaults."""
-    return _as_choice(_memo(ctx, kk, KSelect()))
+    return _as_choice(segd_choice(ctx, kk, KSelect()))
 
 
 def rule_of(**settings: Any) -> KSelect:
@@ -613,12 +624,12 @@ def _hybrid(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *, small: str,
     threshold) for "silhouette", memoised on the branch taken; the other small-n
     rules are the study's."""
     if len(ctx.z) >= below:
-        return _as_choice(_memo(ctx, kk, rule_of(small_below=0, reference=GAUSS,
+        return _as_choice(segd_choice(ctx, kk, rule_of(small_below=0, reference=GAUSS,
                                                  **dict(MEAN, threshold=threshold))))
     if small == "silhouette":
-        return _as_choice(_memo(ctx, kk, rule_of(rule="silhouette")))
+        return _as_choice(segd_choice(ctx, kk, rule_of(rule="silhouette")))
     if small == "splits32":
-        return _as_choice(_memo(ctx, kk, rule_of(small_below=0, splits=32, reference=GAUSS,
+        return _as_choice(segd_choice(ctx, kk, rule_of(small_below=0, splits=32, reference=GAUSS,
                                                  **MEAN)))
     assert small == "bootstrap", small
     if "bootstrap" not in ctx.memo:
@@ -700,26 +711,42 @@ class Row:
 
 def evaluate(coll: Collection, specs: list[MethodSpec]) -> list[Row]:
     rows: list[Row] = []
-    stored = CACHE / "figures" / f"v{FIGURES_VERSION}-{_slug(coll.name)}.pkl"
-    figures: dict[object, object] = pickle.loads(stored.read_bytes()) if stored.exists() else {}
+    figures = load_figures(coll)
     with threadpool_limits(limits=1):
         ctxs = {sp: ks.Ctx(ks.project(coll.x, ks.space_dims(sp)), figures=figures)
                 for sp in dict.fromkeys(m.space for m in specs)}
-        kk = [k for k in KS if k < len(coll.x)]
         for m in specs:
             ctx = ctxs[m.space]
             t0 = time.perf_counter()
-            ch = m.fn(ctx, kk, np.random.default_rng(0))
+            ch = m.fn(ctx, k_range(coll), np.random.default_rng(0))
             dt = time.perf_counter() - t0
-            if coll.true_k == 1:
-                ari = ari_true = float("nan")
-            else:
-                ari_true = adjusted_rand_score(coll.y, ctx.labels(coll.true_k))
-                ari = 0.0 if ch.k == 1 else adjusted_rand_score(coll.y, ctx.labels(ch.k))
+            ari, ari_true = aris(coll, ctx, ch.k)
             rows.append(Row(coll.name, coll.kind, len(coll.x), coll.true_k, m.name, ch.k,
                             ch.structured, ari, ari_true, dt, ch.note))
-    _store(stored, figures)
+    _store(figures_file(coll), figures)
     return rows
+
+
+def k_range(coll: Collection) -> list[int]:
+    return [k for k in KS if k < len(coll.x)]
+
+
+def aris(coll: Collection, ctx: ks.Ctx, k: int) -> tuple[float, float]:
+    """ARI at k and at the true k (KMeans in ctx's space, seed 0; nan for true k = 1)."""
+    if coll.true_k == 1:
+        return float("nan"), float("nan")
+    ari_true = adjusted_rand_score(coll.y, ctx.labels(coll.true_k))
+    return (0.0 if k == 1 else adjusted_rand_score(coll.y, ctx.labels(k))), ari_true
+
+
+def figures_file(coll: Collection) -> Path:
+    return CACHE / "figures" / f"v{FIGURES_VERSION}-{_slug(coll.name)}.pkl"
+
+
+def load_figures(coll: Collection) -> dict[object, object]:
+    """The figures stored for coll's rows (see `_memo`), or none."""
+    f = figures_file(coll)
+    return pickle.loads(f.read_bytes()) if f.exists() else {}
 
 
 def _eval_cached(coll: Collection, specs: list[MethodSpec]) -> list[Row]:
