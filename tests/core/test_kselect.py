@@ -226,6 +226,66 @@ def test_rules_replayed_on_stored_figures_choose_as_they_would_afresh() -> None:
         assert kselect.decide(len(z), KS, s, replay) == choose_k(z, KS, s)
 
 
+@dataclasses.dataclass
+class Given:
+    """Figures written out by hand: what `decide` decides from, with no rows behind them."""
+
+    strength: dict[int, float]
+    silhouette: dict[int, float]
+    excess: dict[int, float] = dataclasses.field(default_factory=dict)
+    gap: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    def strengths(self) -> dict[int, float]:
+        assert self.strength, "the rule asked for strengths it was not given"
+        return self.strength
+
+    def fit(self, k: int) -> kfigures.Fit:
+        return kfigures.Fit(silhouette=self.silhouette[k], inertia=1.0)
+
+    def reference(self, k: int) -> kfigures.Reference:
+        return kfigures.Reference(excess=self.excess[k], gap=self.gap.get(k, 0.0))
+
+
+def test_decide_steps_up_to_a_clearly_more_compact_larger_k() -> None:
+    # 3 is the largest reproducible k (0.6); 4's silhouette leads it by 0.04 > 0.01.
+    given = Given({2: 0.9, 3: 0.7, 4: 0.4, 5: 0.3}, {2: 0.20, 3: 0.21, 4: 0.25, 5: 0.22},
+                  excess={4: 0.05})
+    c = kselect.decide(200, [2, 3, 4, 5], KSelect(), given)
+    assert (c.k, c.method, c.runner_up, c.structured) == (4, "silhouette", 3, True)
+    assert c.margin == pytest.approx(0.25 - 0.21 - 0.01)
+    assert c.excess == 0.05
+
+
+@pytest.mark.parametrize(("excess", "gap", "k"), [
+    (0.05, 0.0, 3),  # the excess passes alone
+    (0.01, 0.2, 3),  # the gap passes what the excess does not
+    (0.01, 0.05, 1),  # neither: no structure
+])
+def test_decide_tests_the_k_it_would_report(excess: float, gap: float, k: int) -> None:
+    given = Given({2: 0.9, 3: 0.7, 4: 0.3}, {2: 0.2, 3: 0.2, 4: 0.1},
+                  excess={3: excess}, gap={3: gap})
+    c = kselect.decide(200, [2, 3, 4], KSelect(), given)
+    assert (c.k, c.structured) == (k, k > 1)
+    # Below test_min_rows no rows are called unstructured: the reference is not asked for.
+    assert kselect.decide(149, [2, 3, 4], KSelect(), dataclasses.replace(given, excess={})
+                          ).k == 3
+
+
+@pytest.mark.parametrize(("strength_3", "k"), [(0.7, 2), (0.9, 3)])
+def test_decide_steps_down_only_from_a_strength_under_the_papers(strength_3: float,
+                                                                 k: int) -> None:
+    # 2's silhouette beats 3's by 0.1 > 0.05: a clean cluster cut in two, unless 3 is
+    # reproducible by the paper's standard (0.85).
+    given = Given({2: 0.95, 3: strength_3}, {2: 0.3, 3: 0.2}, excess={3: 0.1})
+    assert kselect.decide(200, [2, 3], KSelect(), given).k == k
+
+
+def test_decide_below_small_below_asks_only_for_the_silhouette() -> None:
+    given = Given({}, {2: 0.1, 3: 0.3, 4: 0.2})  # no strengths, no references
+    c = kselect.decide(KSelect().small_below - 1, [2, 3, 4], KSelect(), given)
+    assert (c.k, c.method, c.runner_up) == (3, "silhouette", 4)
+
+
 # --------------------------------------------------------------------------- the switch
 
 
