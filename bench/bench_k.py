@@ -725,7 +725,7 @@ def evaluate(coll: Collection, specs: list[MethodSpec]) -> list[Row]:
             ari, ari_true = aris(coll, ctx, ch.k)
             rows.append(Row(coll.name, coll.kind, len(coll.x), coll.true_k, m.name, ch.k,
                             ch.structured, ari, ari_true, dt, ch.note))
-    _store(figures_file(coll), figures)
+    store(figures_file(coll), figures)
     return rows
 
 
@@ -760,11 +760,11 @@ def _eval_cached(coll: Collection, specs: list[MethodSpec]) -> list[Row]:
         # only when something is missing.
         for r in evaluate(coll, todo):
             done[r.method] = r
-        _store(f, done)
+        store(f, done)
     return [done[m.name] for m in specs]
 
 
-def _store(path: Path, value: object) -> None:
+def store(path: Path, value: object) -> None:
     """Pickle `value` to `path` whole or not at all (a bench stopped midway)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_suffix(".part")

@@ -102,13 +102,14 @@ def score(coll: bk.Collection, rules: list[dict[str, Any]], seeds: tuple[int, ..
         ctx = ks.Ctx(ks.project(coll.x, ks.space_dims("pca32")), figures=figures)
         chosen = np.array([[bk.segd_choice(ctx, kk, KSelect(seed=seed, **rule)).k
                             for seed in seeds] for rule in rules])
-        ari_at = {k: bk.aris(coll, ctx, k) for k in [1, *kk]}
-    bk._store(bk.figures_file(coll), figures)
+        ari_at = {k: bk.aris(coll, ctx, k)[0] for k in [1, *kk]}
+        _, ari_true = bk.aris(coll, ctx, coll.true_k)
+    bk.store(bk.figures_file(coll), figures)
     ok_at = {k: bk.k_ok(bk.Row(coll.name, coll.kind, len(coll.x), coll.true_k, "", k, None,
                                0.0, 0.0, 0.0, "")) for k in ari_at}
     return Scored(coll.name, coll.kind, coll.true_k, chosen,
                   np.vectorize(ok_at.__getitem__)(chosen),
-                  np.vectorize(lambda k: ari_at[k][0])(chosen), ari_at[1][1])
+                  np.vectorize(ari_at.__getitem__)(chosen), ari_true)
 
 
 def _score(args: tuple[bk.Collection, list[dict[str, Any]]]) -> Scored:
@@ -119,7 +120,7 @@ def _score(args: tuple[bk.Collection, list[dict[str, Any]]]) -> Scored:
 
 
 @dataclass
-class Figures:
+class Totals:
     """Per rule and seed, over a set of collections."""
 
     ok: np.ndarray  # (rules, seeds) k tests passed
@@ -127,14 +128,14 @@ class Figures:
     total: int
 
 
-def figures(scored: list[Scored]) -> Figures:
+def totals(scored: list[Scored]) -> Totals:
     with_k = [s for s in scored if s.true_k > 1]
     truth = sum(s.ari_true for s in with_k)
-    return Figures(sum(s.ok for s in scored).astype(float),
+    return Totals(sum(s.ok for s in scored).astype(float),
                    sum(s.ari for s in with_k) / truth, len(scored))
 
 
-def best(f33: Figures, f83: Figures, cols: list[int], default: int) -> np.ndarray:
+def best(f33: Totals, f83: Totals, cols: list[int], default: int) -> np.ndarray:
     """Rules ranked (best first) at the seeds `cols`: the mean k tests on the 83 among those
     whose lowest ratio of mean ARIs reaches ACCEPT on the 33 and on the 83, then by that
     lowest ratio; the others after, by the same figures. On a tie, rule `default` first:
@@ -145,7 +146,7 @@ def best(f33: Figures, f83: Figures, cols: list[int], default: int) -> np.ndarra
     return np.lexsort((challenger, -low, -passed, low < ACCEPT))
 
 
-def row(label: str, i: int, f33: Figures, f83: Figures, digits: Figures) -> str:
+def row(label: str, i: int, f33: Totals, f83: Totals, digits: Totals) -> str:
     t, j = list(range(len(TUNE))), list(range(len(TUNE), len(SEEDS)))
     return (f"| {label} | {f33.ok[i, t].mean():.1f} / {f83.ok[i, t].mean():.1f} | "
             f"{f33.ratio[i, t].min():.3f} / {f83.ratio[i, t].min():.3f} | "
@@ -163,8 +164,8 @@ def leave_one_out(scored: list[Scored], main: list[Scored], default: int
     passed = tried = picked_default = 0
     chosen_ari = true_ari = 0.0
     for s in scored:
-        pick = best(figures([o for o in main if o is not s]),
-                    figures([o for o in scored if o is not s]), t, default)[0]
+        pick = best(totals([o for o in main if o is not s]),
+                    totals([o for o in scored if o is not s]), t, default)[0]
         passed += int(s.ok[pick, j].sum())
         tried += len(j)
         if s.true_k > 1:
@@ -198,7 +199,7 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     s33 = [done[c.name] for c in main33]
     s83 = s33 + [done[c.name] for c in rest]
-    f33, f83, fd = figures(s33), figures(s83), figures([done[c.name] for c in digits])
+    f33, f83, fd = totals(s33), totals(s83), totals([done[c.name] for c in digits])
     t = list(range(len(TUNE)))
     order = best(f33, f83, t, default)
     print(f"{len(rules)} rules x {len(colls)} collections x {len(SEEDS)} seeds in "
