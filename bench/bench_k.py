@@ -627,12 +627,12 @@ def _hybrid(ctx: ks.Ctx, kk: list[int], rng: np.random.Generator, *, small: str,
     rules are the study's."""
     if len(ctx.z) >= below:
         return _as_choice(segd_choice(ctx, kk, rule_of(small_below=0, reference=GAUSS,
-                                                 **dict(MEAN, threshold=threshold))))
+                                                       **dict(MEAN, threshold=threshold))))
     if small == "silhouette":
         return _as_choice(segd_choice(ctx, kk, rule_of(rule="silhouette")))
     if small == "splits32":
-        return _as_choice(segd_choice(ctx, kk, rule_of(small_below=0, splits=32, reference=GAUSS,
-                                                 **MEAN)))
+        return _as_choice(segd_choice(ctx, kk, rule_of(small_below=0, splits=32,
+                                                       reference=GAUSS, **MEAN)))
     assert small == "bootstrap", small
     if "bootstrap" not in ctx.memo:
         ctx.memo["bootstrap"] = ks.bootstrap_choice(ctx.z, kk)
@@ -746,7 +746,7 @@ def figures_file(coll: Collection) -> Path:
 
 
 def load_figures(coll: Collection) -> dict[object, object]:
-    """The figures stored for coll's rows (see `_memo`), or none."""
+    """The figures stored for coll's rows (see `segd_choice`), or none."""
     f = figures_file(coll)
     return pickle.loads(f.read_bytes()) if f.exists() else {}
 
