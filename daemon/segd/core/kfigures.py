@@ -103,6 +103,7 @@ class LiveFigures:
         return known.strengths
 
     def fit(self, k: int) -> Fit:
+        """KMeans(k) on all the rows (`n_init` restarts, seed `seed`)."""
         if k not in self.known.fits:
             self._check()
             s = self.settings
@@ -112,6 +113,8 @@ class LiveFigures:
         return self.known.fits[k]
 
     def reference(self, k: int) -> Reference:
+        """The rows' fit at k against `null_draws` unstructured references; whichever k is
+        asked first, the draws start where the strength left the generator."""
         if k not in self.known.references:
             self.strengths()
             rng = np.random.default_rng()
