@@ -6,7 +6,8 @@ L2-normalised embeddings, re-normalised; a random subset of at most
 (`Figures`); core.kfigures computes them (`choose_k` = the two together). The rules and
 their settings come from the k study (bench/bench_k.py, docs/quality.md "Choosing k across
 collections"), which chose them by their worst and mean results over 83 labelled
-collections and five seeds, replaying each rule on the same stored figures.
+collections and five seeds; bench/bench_k_grid.py replays 5,265 variants of the decision
+on stored figures, and none does better (finding 15).
 
 rule "strength" (the default)
     Below `small_below` (64) rows, the silhouette rule below: prediction strength is
